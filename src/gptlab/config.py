@@ -1,0 +1,243 @@
+"""Configuration as plain dataclasses, and the named presets as plain data.
+
+Design choices:
+- The dataclasses are the one source of truth: the CLI generates its flags from their fields
+  (name, type, default and the `help` metadata), and `config.json` in a run is their `asdict`.
+- Precedence is preset < config file < flags, resolved by `resolve_config`.
+- `vocab_size = 0` means "take it from the tokenizer"; the data decides, not the preset.
+- Every check a user can fail lives in `__post_init__` and raises `GptlabError` naming the flag.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from gptlab.errors import GptlabError
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a GPT-2-style model."""
+
+    n_layer: int = _help("number of transformer blocks", default=4)
+    n_head: int = _help("attention heads per block (must divide n_embd)", default=4)
+    n_embd: int = _help("embedding width", default=128)
+    block_size: int = _help("context length in tokens", default=64)
+    vocab_size: int = _help("vocabulary size; 0 = take it from the tokenizer", default=0)
+    dropout: float = _help("dropout probability in [0, 1)", default=0.0)
+    bias: bool = _help("biases in Linear and LayerNorm layers (GPT-2 has them)", default=False)
+    gelu_approximate: str = _help(
+        "GELU form: 'none' (exact erf) or 'tanh' (the GPT-2 original)", default="none"
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise GptlabError(f"{flag} must be a positive integer, got {value!r}")
+        if self.vocab_size < 0:
+            raise GptlabError(f"--vocab-size must be 0 (from tokenizer) or positive, got {self.vocab_size}")
+        if self.n_embd % self.n_head != 0:
+            raise GptlabError(
+                f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}; "
+                f"pick a width that is a multiple of the head count (e.g. {self.n_head * max(1, round(self.n_embd / self.n_head))})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise GptlabError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise GptlabError(f"--gelu-approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
+
+    def num_params(self, vocab_size: int | None = None) -> int:
+        """Parameter count (tied embedding counted once, position embeddings included)."""
+        V = vocab_size or self.vocab_size
+        C, T, L, b = self.n_embd, self.block_size, self.n_layer, int(self.bias)
+        layer_norm = C + b * C
+        per_block = (
+            2 * layer_norm
+            + C * 3 * C + b * 3 * C  # c_attn
+            + C * C + b * C  # attn.c_proj
+            + C * 4 * C + b * 4 * C  # c_fc
+            + 4 * C * C + b * C  # mlp.c_proj
+        )
+        return V * C + T * C + L * per_block + layer_norm
+
+
+@dataclass
+class TrainConfig:
+    """How to train: data, optimisation, evaluation, hardware."""
+
+    data: str = _help("prepared data folder (made by `gptlab prepare`)", default="")
+    out: str = _help("run folder for checkpoints, metrics and plots; default runs/<data name>", default="")
+    tokenizer: str = _help("tokenizer when training straight from text: char, gpt2 or bpe:N", default="char")
+    val_fraction: float = _help("share of the text held out for validation (taken from the end)", default=0.1)
+    batch_size: int = _help("sequences per micro-batch", default=12)
+    grad_accum: int = _help("micro-batches accumulated per optimizer step", default=1)
+    max_iters: int = _help("optimizer steps to train for", default=2000)
+    epochs: float = _help("train for this many passes over the train split instead of --max-iters; 0 = off", default=0.0)
+    target_loss: float = _help("stop as soon as an evaluation reaches this val loss; 0 = off", default=0.0)
+    learning_rate: float = _help("peak learning rate", default=1e-3)
+    min_lr_ratio: float = _help("final learning rate as a fraction of the peak (cosine decay)", default=0.1)
+    warmup_iters: int = _help("linear warm-up steps", default=100)
+    lr_decay_iters: int = _help("cosine decay length in steps; 0 = until the last step", default=0)
+    weight_decay: float = _help("AdamW weight decay (matrices only, not biases or norms)", default=0.1)
+    beta1: float = _help("AdamW beta1", default=0.9)
+    beta2: float = _help("AdamW beta2", default=0.99)
+    grad_clip: float = _help("clip the gradient norm to this; 0 = off", default=1.0)
+    eval_interval: int = _help("evaluate on train and val every this many steps", default=250)
+    eval_iters: int = _help("batches averaged per evaluation", default=20)
+    log_interval: int = _help("steps between progress log lines (when not on a terminal)", default=50)
+    sampler: str = _help("batches: 'random' windows (nanoGPT) or 'sliding' epochs with a stride", default="random")
+    stride: int = _help("sliding-window stride in tokens; 0 = the context length", default=0)
+    device: str = _help("auto, cpu, cuda, cuda:N or mps", default="auto")
+    dtype: str = _help("auto, float32, bfloat16 or float16 (autocast; float16 uses a grad scaler)", default="auto")
+    compile: str = _help("torch.compile: auto (on for CUDA, off elsewhere), on or off", default="auto")
+    seed: int = _help("random seed for weights, batches and dropout", default=1337)
+    num_samples: int = _help("samples written to samples.txt after training", default=2)
+    sample_tokens: int = _help("tokens per sample in samples.txt", default=300)
+
+    def __post_init__(self) -> None:
+        positive_ints = ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "sample_tokens")
+        for name in positive_ints + ("max_iters",):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise GptlabError(f"{flag} must be a positive integer, got {value!r}")
+        for name in ("warmup_iters", "lr_decay_iters", "stride", "num_samples"):
+            if getattr(self, name) < 0:
+                raise GptlabError(f"--{name.replace('_', '-')} must be zero or positive, got {getattr(self, name)}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise GptlabError(f"--learning-rate must be a positive number, got {self.learning_rate}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise GptlabError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.epochs < 0:
+            raise GptlabError(f"--epochs must be zero (off) or positive, got {self.epochs}")
+        if self.target_loss < 0:
+            raise GptlabError(f"--target-loss must be zero (off) or positive, got {self.target_loss}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise GptlabError("--weight-decay and --grad-clip must be zero or positive")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise GptlabError("--beta1 and --beta2 must be in [0, 1)")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise GptlabError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.sampler not in ("random", "sliding"):
+            raise GptlabError(f"--sampler must be 'random' or 'sliding', got {self.sampler!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise GptlabError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.compile not in ("auto", "on", "off"):
+            raise GptlabError(f"--compile must be auto, on or off, got {self.compile!r}")
+
+
+# Presets are data. `model` and `train` hold only what differs from the dataclass defaults.
+PRESETS: list[dict[str, Any]] = [
+    {
+        "name": "cpu-tiny",
+        "about": "nanoGPT's CPU recipe shape: 4 layers, 4 heads, 128 wide, context 64, batch 12",
+        "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False),
+        "train": dict(
+            tokenizer="char", batch_size=12, max_iters=2000, learning_rate=1e-3, warmup_iters=100,
+            beta2=0.99, eval_interval=250, eval_iters=20,
+        ),
+    },
+    {
+        "name": "char-small",
+        "about": "nanoGPT's Shakespeare-char GPU recipe: 6 layers, 6 heads, 384 wide, context 256",
+        "model": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False),
+        "train": dict(
+            tokenizer="char", batch_size=64, max_iters=5000, learning_rate=1e-3, warmup_iters=100,
+            beta2=0.99, eval_interval=250, eval_iters=200,
+        ),
+    },
+    {
+        "name": "gpt2-124m",
+        "about": "GPT-2 small: 12 layers, 12 heads, 768 wide, context 1024, GPT-2 BPE vocabulary",
+        "model": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dropout=0.0, bias=True),
+        "train": dict(
+            tokenizer="gpt2", batch_size=12, grad_accum=40, max_iters=600000, learning_rate=6e-4,
+            warmup_iters=2000, beta2=0.95, eval_interval=2000, eval_iters=200,
+        ),
+    },
+]
+
+
+def preset_names() -> list[str]:
+    """Names of the built-in presets."""
+    return [p["name"] for p in PRESETS]
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """The preset called `name`, or a GptlabError listing the known ones."""
+    for preset in PRESETS:
+        if preset["name"] == name:
+            return preset
+    raise GptlabError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+
+
+def _split_flat(values: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    model_keys = {f.name for f in fields(ModelConfig)}
+    train_keys = {f.name for f in fields(TrainConfig)}
+    model, train = {}, {}
+    for key, value in values.items():
+        if key in model_keys:
+            model[key] = value
+        elif key in train_keys:
+            train[key] = value
+        else:
+            raise GptlabError(f"{source}: unknown setting {key!r}; see `gptlab train --help` for the list")
+    return model, train
+
+
+def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model and train settings from a JSON file: a run's config.json or a flat {field: value} map."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise GptlabError(f"config file {path} not found; pass a run's config.json or a JSON file of settings")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptlabError(f"config file {path} is not valid JSON ({e}); fix or regenerate it") from None
+    if not isinstance(raw, dict):
+        raise GptlabError(f"config file {path} must hold a JSON object")
+    if "model" in raw or "train" in raw:
+        model, train = _split_flat({**raw.get("model", {}), **raw.get("train", {})}, str(path))
+    else:
+        model, train = _split_flat(raw, str(path))
+    return model, train
+
+
+def resolve_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    """Merge preset < config file < overrides into validated ModelConfig and TrainConfig."""
+    model: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    if preset:
+        p = get_preset(preset)
+        model.update(p["model"])
+        train.update(p["train"])
+    if config_file:
+        m, t = read_config_file(config_file)
+        model.update(m)
+        train.update(t)
+    if overrides:
+        m, t = _split_flat(overrides, "settings")
+        model.update(m)
+        train.update(t)
+    return ModelConfig(**model), TrainConfig(**train)
+
+
+def config_to_dict(model: ModelConfig, train: TrainConfig) -> dict[str, Any]:
+    """The JSON-ready form written to a run's config.json."""
+    return {"model": asdict(model), "train": asdict(train)}

@@ -1,0 +1,5 @@
+"""The one exception type for mistakes a user can make (the CLI prints it as one line, exit 2)."""
+
+
+class GptlabError(Exception):
+    """A problem with the user's input or environment; the message names it and the fix."""

@@ -1,0 +1,483 @@
+"""The training loop and what it needs: device and precision, schedule, evaluation, checkpoints, logs.
+
+Design choices:
+- One flat loop in `train()`: fetch batch, forward, loss, backward (x grad_accum), clip, step, and
+  every `eval_interval` steps evaluate, log a metrics row and save `last` (and `best` when val
+  improves). The order of events is visible in one screen of code.
+- Evaluation uses its own fixed-seed generators, so every evaluation scores the same batches
+  (fair best-by-val comparisons) and never disturbs the training stream's randomness.
+- The learning rate is a linear warm-up then a cosine decay to `min_lr_ratio * learning_rate`.
+- `loss.item()` (a host sync) happens only at log and eval steps.
+- On a CPU without native bf16 (bf16 matmuls run 140-630x slower than float32 on e.g. Zen 3)
+  a request for bfloat16 or float16 falls back to float32 with a warning.
+- `torch.compile` is on by default on CUDA only; if it fails, training continues eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from gptlab import checkpoint as ckpt
+from gptlab.config import ModelConfig, TrainConfig
+from gptlab.data import (
+    RandomBatches,
+    SlidingBatches,
+    check_enough_tokens,
+    load_tokens,
+    read_meta,
+)
+from gptlab.errors import GptlabError
+from gptlab.model import GPT
+from gptlab.tokenizer import load_tokenizer
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def autodetect_device(requested: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu; or the device asked for, if it exists."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise GptlabError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GptlabError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise GptlabError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise GptlabError("--device mps asked for, but MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype to train in, falling back to float32 where the hardware cannot do it."""
+    if requested == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        warn("this CPU has no native bfloat16 (bf16 matmuls run >100x slower than float32 here); training in float32")
+        return torch.float32
+    if device.type == "cpu" and dtype == torch.float16:
+        warn("float16 training is for GPUs; training in float32 on the CPU")
+        return torch.float32
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        warn("this GPU has no bfloat16; training in float16 with a grad scaler")
+        return torch.float16
+    return dtype
+
+
+def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up to the peak, then cosine decay to min_lr_ratio * peak."""
+    peak = cfg.learning_rate
+    floor = peak * cfg.min_lr_ratio
+    decay_steps = cfg.lr_decay_iters or total_steps
+    if step < cfg.warmup_iters:
+        return peak * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= decay_steps:
+        return floor
+    progress = (step - cfg.warmup_iters) / max(1, decay_steps - cfg.warmup_iters)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight-decay groups, fused where the device supports it."""
+    groups = model.optimizer_groups(cfg.weight_decay)
+    kwargs: dict[str, Any] = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    if device.type in ("cuda", "cpu"):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError):
+            pass
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state as tensors and plain types (so it saves without pickling objects)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    run_dir: Path
+    steps: int
+    best_val_loss: float
+    final_train_loss: float
+    final_val_loss: float
+    tokens_seen: int
+    elapsed_sec: float
+    num_params: int
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain log lines every `log_interval` steps otherwise."""
+
+    def __init__(self, total: int, start: int, log_interval: int, enabled: bool = True) -> None:
+        self.total, self.log_interval = total, log_interval
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def step(self, step: int, loss: float | None, lr: float, tokens_per_sec: float, elapsed: float, eta: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+        elif loss is not None:
+            print(
+                f"step {step:>6}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_sec:,.0f} tok/s"
+                f" | {elapsed:,.0f}s elapsed | ETA {eta:,.0f}s",
+                flush=True,
+            )
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: torch.nn.Module, splits: dict[str, np.ndarray], cfg: TrainConfig, block_size: int,
+    device: torch.device, autocast: Any,
+) -> dict[str, float]:
+    """Mean loss over `eval_iters` batches per split, the same batches at every evaluation."""
+    model.eval()
+    out = {}
+    for offset, (name, tokens) in enumerate(splits.items()):
+        batches = RandomBatches(tokens, block_size, cfg.batch_size, seed=cfg.seed + 1000 + offset)
+        total = torch.zeros((), device=device)
+        for _ in range(cfg.eval_iters):
+            x, y = batches.next()
+            with autocast():
+                total += _cross_entropy(model(x.to(device)), y.to(device))
+        out[name] = (total / cfg.eval_iters).item()
+    model.train()
+    return out
+
+
+def resolve_run_dir(cfg: TrainConfig, meta: dict[str, Any]) -> Path:
+    """The --out folder, or runs/<data folder name>."""
+    return Path(cfg.out) if cfg.out else Path("runs") / Path(cfg.data).resolve().name
+
+
+def plan_steps(cfg: TrainConfig, train_tokens: int, block_size: int, sampler: Any) -> int:
+    """Total optimizer steps: --max-iters, or enough for --epochs passes over the train split."""
+    if cfg.epochs <= 0:
+        return cfg.max_iters
+    windows_per_step = cfg.batch_size * cfg.grad_accum
+    if isinstance(sampler, SlidingBatches):
+        return max(1, math.ceil(cfg.epochs * sampler.windows_per_epoch() / windows_per_step))
+    return max(1, math.ceil(cfg.epochs * train_tokens / (windows_per_step * block_size)))
+
+
+def train(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> TrainResult:
+    """Train a GPT on a prepared data folder and write the run folder; returns the summary."""
+    say = (lambda *a, **k: None) if quiet else (lambda text: print(text, flush=True))
+    if not cfg.data:
+        raise GptlabError("no training data; pass --data <prepared folder> or a text file (gptlab train my.txt)")
+    meta = read_meta(cfg.data)
+    tokenizer = load_tokenizer(cfg.data)
+    if model_cfg.vocab_size == 0:
+        model_cfg = replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    elif model_cfg.vocab_size < tokenizer.vocab_size:
+        raise GptlabError(
+            f"--vocab-size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
+            "use --vocab-size 0 to take it from the tokenizer"
+        )
+    train_tokens, val_tokens = load_tokens(cfg.data, "train"), load_tokens(cfg.data, "val")
+    check_enough_tokens(train_tokens, model_cfg.block_size, "train")
+    check_enough_tokens(val_tokens, model_cfg.block_size, "val")
+
+    run_dir = resolve_run_dir(cfg, meta)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GptlabError(f"--out {run_dir} is a file, not a folder; choose another --out")
+    if resume:
+        if not (run_dir / ckpt.LAST).is_file():
+            raise GptlabError(f"nothing to resume in {run_dir} (no {ckpt.LAST}); drop --resume to start a new run")
+    elif ckpt.is_run_dir(run_dir):
+        if not overwrite:
+            raise GptlabError(
+                f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out"
+            )
+        ckpt.clear_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = replace(cfg, out=str(run_dir))
+
+    device = autodetect_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    seed_everything(cfg.seed)
+    model = GPT(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+    if dtype == torch.float32:
+        autocast = contextlib.nullcontext
+    else:
+        autocast = lambda: torch.autocast(device_type=device.type, dtype=dtype)  # noqa: E731
+    if cfg.sampler == "sliding":
+        batches: Any = SlidingBatches(train_tokens, model_cfg.block_size, cfg.batch_size, cfg.seed, cfg.stride)
+    else:
+        batches = RandomBatches(train_tokens, model_cfg.block_size, cfg.batch_size, cfg.seed)
+    total_steps = plan_steps(cfg, len(train_tokens), model_cfg.block_size, batches)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
+
+    step, best_val, tokens_seen, elapsed_before = 0, float("inf"), 0, 0.0
+    metrics = ckpt.MetricsLog(run_dir / ckpt.METRICS)
+    if resume:
+        ckpt.load_weights_into(model, run_dir / ckpt.LAST)
+        state = ckpt.load_train_state(run_dir / ckpt.TRAIN_STATE)
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        batches.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        step, best_val = int(state["step"]), float(state["best_val_loss"])
+        tokens_seen, elapsed_before = int(state["tokens_seen"]), float(state["elapsed_sec"])
+        metrics.load(up_to_step=step)
+        say(f"resuming {run_dir} at step {step:,} of {total_steps:,}")
+    else:
+        tokenizer.save(run_dir)
+    ckpt.write_run_config(run_dir, model_cfg, cfg, {"type": meta["tokenizer"], "vocab_size": tokenizer.vocab_size})
+
+    compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    train_model: torch.nn.Module = model
+    if compile_on:
+        try:
+            train_model = torch.compile(model)
+        except Exception as e:  # compile is an optimisation; never the reason a run fails
+            warn(f"torch.compile unavailable ({type(e).__name__}); training eagerly")
+    n_params = model.num_params()
+    say(
+        f"model: {n_params:,} parameters ({model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
+        f"{model_cfg.n_embd} wide, context {model_cfg.block_size}, vocab {model_cfg.vocab_size:,})"
+    )
+    say(
+        f"data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens from {cfg.data}; "
+        f"{tokens_per_step:,} tokens per step; device {device}, {str(dtype).replace('torch.', '')}"
+        f"{', compiled' if train_model is not model else ''}"
+    )
+    say(f"run folder: {run_dir}")
+
+    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nonlocal train_model
+        try:
+            with autocast():
+                return _cross_entropy(train_model(x), y)
+        except Exception as e:
+            if train_model is model:
+                raise
+            warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); training eagerly")
+            train_model = model
+            with autocast():
+                return _cross_entropy(model(x), y)
+
+    def save_checkpoint(is_best: bool, val_loss: float) -> None:
+        info = {"step": step, "val_loss": f"{val_loss:.6f}", "tokens_seen": tokens_seen}
+        if is_best:
+            ckpt.save_weights(run_dir / ckpt.BEST, model, info, run_dir)
+        ckpt.save_weights(run_dir / ckpt.LAST, model, info, run_dir)
+        ckpt.save_train_state(
+            run_dir / ckpt.TRAIN_STATE,
+            {
+                "step": step,
+                "best_val_loss": best_val,
+                "tokens_seen": tokens_seen,
+                "elapsed_sec": elapsed,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "sampler": batches.state_dict(),
+                "rng": rng_state(),
+            },
+            run_dir,
+        )
+
+    splits = {"train": train_tokens, "val": val_tokens}
+    progress = Progress(total_steps, step, cfg.log_interval, enabled=not quiet)
+    t_start = time.perf_counter()
+    t_window, tokens_window = t_start, 0
+    elapsed = elapsed_before
+    losses = {"train": float("nan"), "val": float("nan")}
+    last_loss: torch.Tensor | None = None
+    just_resumed = resume
+    model.train()
+    try:
+        while True:
+            elapsed = elapsed_before + time.perf_counter() - t_start
+            if (step % cfg.eval_interval == 0 or step == total_steps) and not just_resumed:
+                losses = estimate_loss(model, splits, cfg, model_cfg.block_size, device, autocast)
+                is_best = losses["val"] < best_val
+                best_val = min(best_val, losses["val"])
+                tokens_per_sec = tokens_seen / elapsed if elapsed > 0 else 0.0
+                metrics.append(
+                    {
+                        "step": step, "tokens_seen": tokens_seen, "epoch": f"{batches.epoch():.4f}",
+                        "lr": f"{learning_rate(max(step - 1, 0), cfg, total_steps):.6g}",
+                        "train_loss": f"{losses['train']:.6f}", "val_loss": f"{losses['val']:.6f}",
+                        "tokens_per_sec": f"{tokens_per_sec:.1f}", "elapsed_sec": f"{elapsed:.2f}",
+                    },
+                    run_dir,
+                )
+                save_checkpoint(is_best, losses["val"])
+                progress.write(
+                    f"step {step:>6}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                    f"{' (best so far, saved)' if is_best else ''}"
+                )
+                if cfg.target_loss and losses["val"] <= cfg.target_loss:
+                    progress.write(f"reached target val loss {cfg.target_loss} at step {step}; stopping")
+                    break
+            just_resumed = False
+            if step >= total_steps:
+                break
+
+            lr = learning_rate(step, cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(cfg.grad_accum):
+                x, y = batches.next()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss = forward_loss(x, y)
+                last_loss = loss.detach()
+                scaler.scale(loss / cfg.grad_accum).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            tokens_window += tokens_per_step
+
+            logging_now = step % cfg.log_interval == 0 or step == total_steps
+            shown = None
+            now = time.perf_counter()
+            rate = tokens_window / max(now - t_window, 1e-9)
+            if logging_now and last_loss is not None:
+                shown = last_loss.item()  # the one host sync per log interval
+                t_window, tokens_window = now, 0
+            eta = (total_steps - step) * tokens_per_step / max(rate, 1e-9)
+            progress.step(step, shown, lr, rate, elapsed_before + now - t_start, eta)
+    except KeyboardInterrupt:
+        progress.close()
+        raise GptlabError(
+            f"interrupted at step {step}; the last checkpoint is in {run_dir} — continue with `gptlab train --resume {run_dir}`"
+        ) from None
+    progress.close()
+    elapsed = elapsed_before + time.perf_counter() - t_start
+
+    finish_run(run_dir, model, tokenizer, cfg, say)
+    return TrainResult(
+        run_dir=run_dir, steps=step, best_val_loss=best_val, final_train_loss=losses["train"],
+        final_val_loss=losses["val"], tokens_seen=tokens_seen, elapsed_sec=elapsed, num_params=n_params,
+    )
+
+
+def finish_run(run_dir: Path, model: GPT, tokenizer: Any, cfg: TrainConfig, say: Any) -> None:
+    """Write loss.png and samples.txt (from the best weights) and print where everything is."""
+    from gptlab.report import plot_losses, write_samples
+
+    plot_losses(run_dir)
+    if (run_dir / ckpt.BEST).is_file():
+        ckpt.load_weights_into(model, run_dir / ckpt.BEST)
+    samples = write_samples(run_dir, model, tokenizer, cfg.num_samples, cfg.sample_tokens, seed=cfg.seed)
+    if samples:
+        say("\n--- sample from the best checkpoint ---")
+        say(samples[0])
+        say("---------------------------------------")
+    say(f"loss plot: {(run_dir / ckpt.LOSS_PLOT).resolve()}")
+    say(f"samples:   {(run_dir / ckpt.SAMPLES).resolve()}")
+
+
+def run_summary(run_dir: str | Path) -> dict[str, Any]:
+    """What `gptlab info` shows about a run folder."""
+    run_dir = Path(run_dir)
+    model_cfg, train_cfg, tok = ckpt.read_run_config(run_dir)
+    rows = ckpt.read_metrics(run_dir)
+    vals = [r["val_loss"] for r in rows if not math.isnan(r["val_loss"])]
+    files = {name: str((run_dir / name).resolve()) for name in ckpt.RUN_FILES if (run_dir / name).is_file()}
+    return {
+        "run": str(run_dir.resolve()),
+        "params": model_cfg.num_params(),
+        "model": asdict(model_cfg),
+        "tokenizer": tok,
+        "data": train_cfg.data,
+        "steps": int(rows[-1]["step"]) if rows else 0,
+        "tokens_seen": int(rows[-1]["tokens_seen"]) if rows else 0,
+        "elapsed_sec": rows[-1]["elapsed_sec"] if rows else 0.0,
+        "best_val_loss": min(vals) if vals else None,
+        "last_val_loss": vals[-1] if vals else None,
+        "files": files,
+    }
