@@ -266,6 +266,9 @@ def _write_tokens(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise GptlabError(f"could not write {path} ({e.strerror or e}); free disk space or choose another --out") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -34,12 +34,11 @@ def plot_losses(run_dir: str | Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(title=run_dir.resolve().name, title_fontsize=8)
     if len(rows) > 1 and rows[-1]["step"] > 0:
         tokens_per_step = rows[-1]["tokens_seen"] / rows[-1]["step"]
         top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
         top.set_xlabel("tokens seen")
-    ax.set_title(run_dir.resolve().name, fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -175,12 +175,13 @@ class GPT2Tokenizer:
 
     def save(self, folder: str | Path) -> None:
         """Write `tokenizer.json` and `gpt2.tiktoken` into `folder`."""
-        from tiktoken.load import dump_tiktoken_bpe
+        import base64
 
         folder = Path(folder)
-        tmp = folder / "gpt2.tiktoken.tmp"
-        dump_tiktoken_bpe(self.mergeable_ranks, str(tmp))
-        os.replace(tmp, folder / "gpt2.tiktoken")
+        # tiktoken's text format, one "base64(token) rank" per line (its own writer needs blobfile).
+        lines = (f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in
+                 sorted(self.mergeable_ranks.items(), key=lambda item: item[1]))
+        _write_text_atomic(folder / "gpt2.tiktoken", "".join(lines))
         payload = {"type": "gpt2", "vocab_size": self.vocab_size, "eot_id": self.eot_id, "ranks_file": "gpt2.tiktoken"}
         _write_text_atomic(folder / DESCRIPTOR, json.dumps(payload, indent=1))
 

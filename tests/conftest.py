@@ -1,0 +1,74 @@
+"""Shared fixtures: the tiny Shakespeare corpus from ../shared/data, offline, and tiny runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+
+# Tiny model settings used across tests: trains in well under a second per few steps on a CPU.
+TINY_MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.0)
+
+
+@pytest.fixture(autouse=True)
+def _offline_env(tmp_path_factory, monkeypatch):
+    """Every test finds tiny Shakespeare locally and caches into a temporary GPTLAB_HOME."""
+    if "GPTLAB_DATA_MIRROR" not in os.environ and SHARED_DATA.is_dir():
+        monkeypatch.setenv("GPTLAB_DATA_MIRROR", str(SHARED_DATA))
+    monkeypatch.setenv("GPTLAB_HOME", str(tmp_path_factory.getbasetemp() / "gptlab_home"))
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> str:
+    if not SHAKESPEARE.is_file():
+        pytest.skip("tiny Shakespeare not found beside the repo (../shared/data)")
+    return SHAKESPEARE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory, shakespeare_text) -> Path:
+    """The first 100 KB of tiny Shakespeare as a file."""
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text(shakespeare_text[:100_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory, small_corpus) -> Path:
+    """A prepared char-level data folder of the small corpus."""
+    from gptlab.data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "small-char"
+    prepare([str(small_corpus)], tokenizer="char", out=out, log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, char_data) -> Path:
+    """A finished tiny training run (a few dozen steps)."""
+    from gptlab.config import resolve_config
+    from gptlab.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    model_cfg, cfg = resolve_config(overrides=dict(
+        **TINY_MODEL, data=str(char_data), out=str(out), batch_size=8, max_iters=30, eval_interval=10,
+        eval_iters=2, num_samples=2, sample_tokens=40, warmup_iters=5, learning_rate=3e-3,
+    ))
+    train(model_cfg, cfg, quiet=True)
+    return out
+
+
+@pytest.fixture
+def copy_run(tmp_path, tiny_run):
+    """A private copy of the tiny run that a test may modify."""
+    def _copy() -> Path:
+        dst = tmp_path / "run"
+        shutil.copytree(tiny_run, dst)
+        return dst
+    return _copy

@@ -1,0 +1,84 @@
+"""Tokenizers: round trips, the real GPT-2 BPE offline, trained BPE, save/load as plain files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gptlab.errors import GptlabError
+from gptlab.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, load_tokenizer, parse_spec
+
+
+def test_char_round_trip_and_sorted_vocab():
+    tok = CharTokenizer.from_texts(["hello ", "world\n"])
+    assert tok.chars == sorted(set("hello world\n"))
+    assert tok.vocab_size == len(set("hello world\n"))
+    ids = tok.encode("hello world\n")
+    assert tok.decode(ids) == "hello world\n"
+    assert ids[0] == tok.chars.index("h")
+
+
+def test_char_unseen_characters_raise_a_named_error_not_keyerror():
+    tok = CharTokenizer.from_texts(["abc"])
+    with pytest.raises(GptlabError) as e:
+        tok.encode("abzq")
+    assert "'z'" in str(e.value) and "'q'" in str(e.value)
+    assert tok.encode("abzq", unknown="drop") == tok.encode("ab")
+
+
+def test_gpt2_is_the_real_gpt2_bpe():
+    tok = GPT2Tokenizer.build()
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.vocab_size == 50257 and tok.eot_id == 50256
+    text = "Über naïve café — 東京 🙂 <|endoftext|>"
+    assert tok.decode(tok.encode(text)) == text
+    # a literal end-of-text string in user text is text, not the special token
+    assert 50256 not in tok.encode("<|endoftext|>")
+
+
+def test_gpt2_saves_and_reloads_from_plain_files(tmp_path):
+    tok = GPT2Tokenizer.build()
+    tok.save(tmp_path)
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["type"] == "gpt2"
+    first_line = (tmp_path / "gpt2.tiktoken").read_text().splitlines()[0]
+    assert len(first_line.split()) == 2  # tiktoken's "base64 rank" text format
+    again = load_tokenizer(tmp_path)
+    assert again.encode("Hello world") == [15496, 995]
+
+
+def test_trained_bpe_learns_requested_size_and_round_trips(tmp_path, shakespeare_text):
+    tok = BPETokenizer.train(iter([shakespeare_text[:200_000]]), vocab_size=512)
+    assert tok.vocab_size == 512
+    assert tok.eot_id is not None
+    sample = "ROMEO:\nBut soft, what light through yonder window breaks? ünïcödé"
+    assert tok.decode(tok.encode(sample)) == sample
+    # merges make frequent words shorter than their bytes
+    assert len(tok.encode("the king")) < len("the king")
+    tok.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again.encode(sample) == tok.encode(sample)
+    assert (tmp_path / "hf_tokenizer.json").is_file()
+
+
+def test_char_saves_and_reloads(tmp_path):
+    tok = CharTokenizer.from_texts(["to be or not"])
+    tok.save(tmp_path)
+    assert load_tokenizer(tmp_path).encode("to be") == tok.encode("to be")
+
+
+@pytest.mark.parametrize("spec,expected", [("char", ("char", 0)), ("gpt2", ("gpt2", 0)), ("bpe:4096", ("bpe", 4096))])
+def test_parse_spec_accepts_known_kinds(spec, expected):
+    assert parse_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["wordpiece", "bpe:", "bpe:abc", "bpe:100"])
+def test_parse_spec_rejects_unknown_kinds(spec):
+    with pytest.raises(GptlabError):
+        parse_spec(spec)
+
+
+def test_corrupt_tokenizer_file_is_a_clear_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(GptlabError, match="corrupt"):
+        load_tokenizer(tmp_path)
