@@ -136,6 +136,41 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
         raise GptlabError(f"training state {path} is corrupt or truncated ({type(e).__name__}); start again with --overwrite") from None
 
 
+def _staged(path: Path) -> Path:
+    return path.with_name(f".{path.name}.new")
+
+
+def save_resume_point(run_dir: Path, model: torch.nn.Module, state: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """Write last.safetensors and train_state.pt as one unit, so a kill never pairs new weights with old state.
+
+    Both files are first written completely (temp file, fsync, rename) under staged names; the staged
+    train state is the commit mark. Then both are renamed into place. `recover_resume_point` finishes
+    an interrupted commit, or discards an incomplete one.
+    """
+    from safetensors.torch import save
+
+    weights = save(state_dict_for_saving(model), metadata={"format": "pt", **{k: str(v) for k, v in metadata.items()}})
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    last, train_state = run_dir / LAST, run_dir / TRAIN_STATE
+    atomic_write(_staged(last), lambda f: f.write(weights), run_dir)
+    atomic_write(_staged(train_state), lambda f: f.write(buffer.getvalue()), run_dir)
+    recover_resume_point(run_dir)
+
+
+def recover_resume_point(run_dir: Path) -> None:
+    """Complete a committed but unfinished save of the resume point; drop an uncommitted one."""
+    last, train_state = run_dir / LAST, run_dir / TRAIN_STATE
+    if _staged(train_state).exists():
+        if _staged(last).exists():
+            os.replace(_staged(last), last)
+        os.replace(_staged(train_state), train_state)
+    else:
+        _staged(last).unlink(missing_ok=True)
+    for leftover in run_dir.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
 def write_run_config(run_dir: Path, model: ModelConfig, train: TrainConfig, tokenizer: dict[str, Any]) -> None:
     """Write config.json: the resolved model, training and tokenizer settings."""
     from dataclasses import asdict

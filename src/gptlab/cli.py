@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except GptlabError as e:
+        from gptlab.train import TrainingInterrupted
+
+        if isinstance(e, TrainingInterrupted):
+            print(f"gptlab {args.command}: {e}", file=sys.stderr)
+            return 130
         print(f"gptlab {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

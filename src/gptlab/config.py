@@ -101,17 +101,21 @@ class TrainConfig:
     dtype: str = _help("auto, float32, bfloat16 or float16 (autocast; float16 uses a grad scaler)", default="auto")
     compile: str = _help("torch.compile: auto (on for CUDA, off elsewhere), on or off", default="auto")
     seed: int = _help("random seed for weights, batches and dropout", default=1337)
+    deterministic: bool = _help("reproducible kernels (torch.use_deterministic_algorithms); slower on GPU", default=False)
+    nan_patience: int = _help("non-finite steps in a row before rolling back to the last checkpoint", default=3)
+    max_rollbacks: int = _help("rollbacks (each halving the learning rate) before giving up", default=3)
     num_samples: int = _help("samples written to samples.txt after training", default=2)
     sample_tokens: int = _help("tokens per sample in samples.txt", default=300)
 
     def __post_init__(self) -> None:
-        positive_ints = ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "sample_tokens")
+        positive_ints = ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "sample_tokens",
+                         "nan_patience")
         for name in positive_ints + ("max_iters",):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise GptlabError(f"{flag} must be a positive integer, got {value!r}")
-        for name in ("warmup_iters", "lr_decay_iters", "stride", "num_samples"):
+        for name in ("warmup_iters", "lr_decay_iters", "stride", "num_samples", "max_rollbacks"):
             if getattr(self, name) < 0:
                 raise GptlabError(f"--{name.replace('_', '-')} must be zero or positive, got {getattr(self, name)}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -241,3 +245,53 @@ def resolve_config(
 def config_to_dict(model: ModelConfig, train: TrainConfig) -> dict[str, Any]:
     """The JSON-ready form written to a run's config.json."""
     return {"model": asdict(model), "train": asdict(train)}
+
+
+@dataclass
+class SampleConfig:
+    """How to sample: lengths, randomness, the sampling filters and where to stop."""
+
+    max_new_tokens: int = _help("tokens to generate per sample", default=300)
+    num_samples: int = _help("samples per prompt (they share one pass over the prompt)", default=1)
+    temperature: float = _help("softmax temperature; 0 = greedy (always the most likely token)", default=0.8)
+    top_k: int | None = _help("keep only the k most likely tokens; None = off", default=None)
+    top_p: float = _help("nucleus: keep the fewest tokens whose probabilities sum to p; 1 = off", default=1.0)
+    min_p: float = _help("drop tokens less likely than min_p times the most likely one; 0 = off", default=0.0)
+    repetition_penalty: float = _help(
+        "tokens already in the text: positive logits divided, negative multiplied by this (CTRL); 1 = off", default=1.0
+    )
+    seed: int | None = _help("random seed; the same seed gives the same text; None = a fresh one", default=None)
+    stop: tuple[str, ...] = _help("stop at the first of these strings (left out of the text)", default=())
+    max_new_tokens_limit: int = _help("ceiling on max_new_tokens, against typos like 3000000", default=100_000)
+
+    def __post_init__(self) -> None:
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not is_int(self.max_new_tokens_limit) or self.max_new_tokens_limit < 1:
+            raise GptlabError(f"--max-new-tokens-limit must be an integer >= 1, got {self.max_new_tokens_limit!r}")
+        if not is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= self.max_new_tokens_limit:
+            raise GptlabError(
+                f"--max-new-tokens must be an integer from 1 to {self.max_new_tokens_limit:,} "
+                f"(raise the ceiling with --max-new-tokens-limit), got {self.max_new_tokens!r}"
+            )
+        if not is_int(self.num_samples) or self.num_samples < 1:
+            raise GptlabError(f"--num-samples must be an integer >= 1, got {self.num_samples!r}")
+        if not is_number(self.temperature) or self.temperature < 0:
+            raise GptlabError(f"--temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
+            raise GptlabError(f"--top-k must be an integer >= 1 (leave it out for no top-k), got {self.top_k!r}")
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise GptlabError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise GptlabError(f"--min-p must be in [0, 1] (0 = off), got {self.min_p!r}")
+        if not is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise GptlabError(f"--repetition-penalty must be a number > 0 (1 = off), got {self.repetition_penalty!r}")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise GptlabError(f"--seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise GptlabError("--stop strings must be non-empty text")

@@ -20,6 +20,7 @@ import math
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,61 @@ def plan_steps(cfg: TrainConfig, train_tokens: int, block_size: int, sampler: An
     return max(1, math.ceil(cfg.epochs * train_tokens / (windows_per_step * block_size)))
 
 
+class TrainingInterrupted(GptlabError):
+    """Ctrl-C or SIGTERM: the run saved its state and stopped; the CLI exits with 130."""
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint is never cut in half."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # a second Ctrl-C: the user means it
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def injected_nan_steps() -> Counter[int]:
+    """How many attempts at each step get a NaN loss, from GPTLAB_INJECT_NAN="12,20*3" (a fault-injection hook)."""
+    import os
+
+    counts: Counter[int] = Counter()
+    for item in os.environ.get("GPTLAB_INJECT_NAN", "").split(","):
+        if item.strip():
+            at, _, times = item.partition("*")
+            counts[int(at)] += int(times or 1)
+    return counts
+
+
+def set_determinism(enabled: bool) -> None:
+    """Reproducible kernels: deterministic algorithms, no cuDNN autotuning (costs GPU speed)."""
+    import os
+
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=False)
+    torch.backends.cudnn.benchmark = not enabled
+    torch.backends.cudnn.deterministic = enabled
+
+
 def train(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
@@ -266,12 +322,14 @@ def train(
     if run_dir.exists() and not run_dir.is_dir():
         raise GptlabError(f"--out {run_dir} is a file, not a folder; choose another --out")
     if resume:
+        ckpt.recover_resume_point(run_dir)
         if not (run_dir / ckpt.LAST).is_file():
             raise GptlabError(f"nothing to resume in {run_dir} (no {ckpt.LAST}); drop --resume to start a new run")
     elif ckpt.is_run_dir(run_dir):
         if not overwrite:
             raise GptlabError(
-                f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out"
+                f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, --overwrite to replace it, "
+                "or another --out"
             )
         ckpt.clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -279,6 +337,7 @@ def train(
 
     device = autodetect_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    set_determinism(cfg.deterministic)
     seed_everything(cfg.seed)
     model = GPT(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
@@ -295,10 +354,12 @@ def train(
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
 
     step, best_val, tokens_seen, elapsed_before = 0, float("inf"), 0, 0.0
+    lr_scale, rollbacks = 1.0, 0
     metrics = ckpt.MetricsLog(run_dir / ckpt.METRICS)
-    if resume:
+
+    def restore(state: dict[str, Any]) -> None:
+        nonlocal step, best_val, tokens_seen, elapsed_before, lr_scale, rollbacks
         ckpt.load_weights_into(model, run_dir / ckpt.LAST)
-        state = ckpt.load_train_state(run_dir / ckpt.TRAIN_STATE)
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -306,6 +367,10 @@ def train(
         set_rng_state(state["rng"])
         step, best_val = int(state["step"]), float(state["best_val_loss"])
         tokens_seen, elapsed_before = int(state["tokens_seen"]), float(state["elapsed_sec"])
+        lr_scale, rollbacks = float(state.get("lr_scale", 1.0)), int(state.get("rollbacks", 0))
+
+    if resume:
+        restore(ckpt.load_train_state(run_dir / ckpt.TRAIN_STATE))
         metrics.load(up_to_step=step)
         say(f"resuming {run_dir} at step {step:,} of {total_steps:,}")
     else:
@@ -348,21 +413,19 @@ def train(
         info = {"step": step, "val_loss": f"{val_loss:.6f}", "tokens_seen": tokens_seen}
         if is_best:
             ckpt.save_weights(run_dir / ckpt.BEST, model, info, run_dir)
-        ckpt.save_weights(run_dir / ckpt.LAST, model, info, run_dir)
-        ckpt.save_train_state(
-            run_dir / ckpt.TRAIN_STATE,
-            {
-                "step": step,
-                "best_val_loss": best_val,
-                "tokens_seen": tokens_seen,
-                "elapsed_sec": elapsed,
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "sampler": batches.state_dict(),
-                "rng": rng_state(),
-            },
-            run_dir,
-        )
+        state = {
+            "step": step,
+            "best_val_loss": best_val,
+            "tokens_seen": tokens_seen,
+            "elapsed_sec": elapsed,
+            "lr_scale": lr_scale,
+            "rollbacks": rollbacks,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "sampler": batches.state_dict(),
+            "rng": rng_state(),
+        }
+        ckpt.save_resume_point(run_dir, model, state, info)
 
     splits = {"train": train_tokens, "val": val_tokens}
     progress = Progress(total_steps, step, cfg.log_interval, enabled=not quiet)
@@ -372,8 +435,9 @@ def train(
     losses = {"train": float("nan"), "val": float("nan")}
     last_loss: torch.Tensor | None = None
     just_resumed = resume
+    nan_steps, bad_streak = injected_nan_steps(), 0
     model.train()
-    try:
+    with StopRequest() as stop:
         while True:
             elapsed = elapsed_before + time.perf_counter() - t_start
             if (step % cfg.eval_interval == 0 or step == total_steps) and not just_resumed:
@@ -384,7 +448,7 @@ def train(
                 metrics.append(
                     {
                         "step": step, "tokens_seen": tokens_seen, "epoch": f"{batches.epoch():.4f}",
-                        "lr": f"{learning_rate(max(step - 1, 0), cfg, total_steps):.6g}",
+                        "lr": f"{learning_rate(max(step - 1, 0), cfg, total_steps) * lr_scale:.6g}",
                         "train_loss": f"{losses['train']:.6f}", "val_loss": f"{losses['val']:.6f}",
                         "tokens_per_sec": f"{tokens_per_sec:.1f}", "elapsed_sec": f"{elapsed:.2f}",
                     },
@@ -399,21 +463,59 @@ def train(
                     progress.write(f"reached target val loss {cfg.target_loss} at step {step}; stopping")
                     break
             just_resumed = False
+            if stop.signal is not None:
+                save_checkpoint(False, losses["val"])
+                progress.close()
+                raise TrainingInterrupted(
+                    f"stopped at step {step} and saved {run_dir / ckpt.LAST}; "
+                    f"continue with `gptlab train --resume {run_dir}`"
+                )
             if step >= total_steps:
                 break
 
-            lr = learning_rate(step, cfg, total_steps)
+            lr = learning_rate(step, cfg, total_steps) * lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for _ in range(cfg.grad_accum):
                 x, y = batches.next()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 loss = forward_loss(x, y)
+                if nan_steps[step] > 0:
+                    nan_steps[step] -= 1
+                    loss = loss * float("nan")
                 last_loss = loss.detach()
                 scaler.scale(loss / cfg.grad_accum).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            # One host sync per step: a non-finite loss or gradient must never reach the weights.
+            # (With float16 the grad scaler skips overflowing steps itself; only a bad loss counts.)
+            finite = bool(torch.isfinite(last_loss)) and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()
+                bad_streak += 1
+                progress.write(f"step {step}: non-finite loss or gradient norm; step skipped ({bad_streak} in a row)")
+                if bad_streak >= cfg.nan_patience:
+                    if rollbacks >= cfg.max_rollbacks:
+                        progress.close()
+                        raise GptlabError(
+                            f"training diverged: non-finite loss after {rollbacks} rollbacks; lower --learning-rate "
+                            f"(now {cfg.learning_rate * lr_scale:.2e}) or use --dtype float32, then --resume {run_dir}"
+                        )
+                    wall, kept_scale, kept_rollbacks = elapsed_before + time.perf_counter() - t_start, lr_scale, rollbacks
+                    restore(ckpt.load_train_state(run_dir / ckpt.TRAIN_STATE))
+                    rollbacks, lr_scale, elapsed_before = kept_rollbacks + 1, kept_scale * 0.5, wall
+                    bad_streak = 0
+                    t_start = t_window = time.perf_counter()
+                    tokens_window = 0
+                    metrics.rows = [r for r in metrics.rows if int(r["step"]) <= step]
+                    progress.write(
+                        f"rolled back to step {step} with the learning rate halved (x{lr_scale:g}); "
+                        f"rollback {rollbacks} of {cfg.max_rollbacks}"
+                    )
+                    just_resumed = True
+                continue
+            bad_streak = 0
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -426,15 +528,10 @@ def train(
             now = time.perf_counter()
             rate = tokens_window / max(now - t_window, 1e-9)
             if logging_now and last_loss is not None:
-                shown = last_loss.item()  # the one host sync per log interval
+                shown = last_loss.item()
                 t_window, tokens_window = now, 0
             eta = (total_steps - step) * tokens_per_step / max(rate, 1e-9)
             progress.step(step, shown, lr, rate, elapsed_before + now - t_start, eta)
-    except KeyboardInterrupt:
-        progress.close()
-        raise GptlabError(
-            f"interrupted at step {step}; the last checkpoint is in {run_dir} — continue with `gptlab train --resume {run_dir}`"
-        ) from None
     progress.close()
     elapsed = elapsed_before + time.perf_counter() - t_start
 
