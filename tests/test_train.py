@@ -138,3 +138,13 @@ def test_cpu_tiny_reaches_nanogpt_quality_in_2000_steps(tmp_path):
     result = train(model_cfg, cfg, quiet=True)
     assert result.steps == 2000
     assert result.best_val_loss <= 1.95
+
+
+def test_time_budget_stops_on_the_clock_and_decays_over_it(tmp_path, char_data):
+    result = train(*tiny_cfg(char_data, tmp_path / "r", time="4s", max_iters=10**6, eval_interval=10**6,
+                             warmup_iters=1, min_lr_ratio=0.1), quiet=True)
+    assert 4.0 <= result.elapsed_sec < 12.0
+    with open(tmp_path / "r" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["0", str(result.steps)]  # a final evaluation when time is up
+    assert float(rows[-1]["lr"]) == pytest.approx(3e-4, rel=0.05)  # decayed to the floor with the clock

@@ -84,6 +84,7 @@ class TrainConfig:
     max_iters: int = _help("optimizer steps to train for", default=2000)
     epochs: float = _help("train for this many passes over the train split instead of --max-iters; 0 = off", default=0.0)
     target_loss: float = _help("stop as soon as an evaluation reaches this val loss; 0 = off", default=0.0)
+    time: str = _help("train for a wall-clock budget instead (90s, 5m, 1h); the LR schedule spans the budget", default="")
     learning_rate: float = _help("peak learning rate", default=1e-3)
     min_lr_ratio: float = _help("final learning rate as a fraction of the peak (cosine decay)", default=0.1)
     warmup_iters: int = _help("linear warm-up steps", default=100)
@@ -124,6 +125,10 @@ class TrainConfig:
             raise GptlabError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.epochs < 0:
             raise GptlabError(f"--epochs must be zero (off) or positive, got {self.epochs}")
+        if self.time:
+            parse_duration(self.time)
+            if self.epochs:
+                raise GptlabError("give either --time or --epochs, not both")
         if self.target_loss < 0:
             raise GptlabError(f"--target-loss must be zero (off) or positive, got {self.target_loss}")
         if self.weight_decay < 0 or self.grad_clip < 0:
@@ -138,6 +143,21 @@ class TrainConfig:
             raise GptlabError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.compile not in ("auto", "on", "off"):
             raise GptlabError(f"--compile must be auto, on or off, got {self.compile!r}")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '90s', '5m', '1h', '1h30m' or a bare number of seconds."""
+    import re
+
+    value = text.strip().lower()
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", value)
+    if not value or not parts or not any(parts.groups()):
+        raise GptlabError(f"--time {text!r} is not a duration; write it like 90s, 5m, 1h or 1h30m")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in parts.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise GptlabError(f"--time {text!r} must be longer than zero")
+    return total
 
 
 # Presets are data. `model` and `train` hold only what differs from the dataclass defaults.

@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from gptlab import checkpoint as ckpt
-from gptlab.config import ModelConfig, TrainConfig
+from gptlab.config import ModelConfig, TrainConfig, parse_duration
 from gptlab.data import (
     RandomBatches,
     SlidingBatches,
@@ -97,16 +97,22 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warm-up to the peak, then cosine decay to min_lr_ratio * peak."""
+def learning_rate(step: int, cfg: TrainConfig, total_steps: int, time_fraction: float | None = None) -> float:
+    """Linear warm-up to the peak, then cosine decay to min_lr_ratio * peak.
+
+    With a time budget, the decay follows the fraction of the budget used instead of the step count.
+    """
     peak = cfg.learning_rate
     floor = peak * cfg.min_lr_ratio
-    decay_steps = cfg.lr_decay_iters or total_steps
     if step < cfg.warmup_iters:
         return peak * (step + 1) / (cfg.warmup_iters + 1)
-    if step >= decay_steps:
-        return floor
-    progress = (step - cfg.warmup_iters) / max(1, decay_steps - cfg.warmup_iters)
+    if time_fraction is not None:
+        progress = min(1.0, time_fraction)
+    else:
+        decay_steps = cfg.lr_decay_iters or total_steps
+        if step >= decay_steps:
+            return floor
+        progress = (step - cfg.warmup_iters) / max(1, decay_steps - cfg.warmup_iters)
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
 
 
@@ -169,7 +175,7 @@ class TrainResult:
 class Progress:
     """A tqdm bar on a terminal; plain log lines every `log_interval` steps otherwise."""
 
-    def __init__(self, total: int, start: int, log_interval: int, enabled: bool = True) -> None:
+    def __init__(self, total: int | None, start: int, log_interval: int, enabled: bool = True) -> None:
         self.total, self.log_interval = total, log_interval
         self.bar = None
         if enabled and sys.stderr.isatty():
@@ -184,7 +190,7 @@ class Progress:
                 self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
         elif loss is not None:
             print(
-                f"step {step:>6}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_sec:,.0f} tok/s"
+                f"step {step:>6}{f'/{self.total}' if self.total else ''} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_sec:,.0f} tok/s"
                 f" | {elapsed:,.0f}s elapsed | ETA {eta:,.0f}s",
                 flush=True,
             )
@@ -351,6 +357,9 @@ def train(
     else:
         batches = RandomBatches(train_tokens, model_cfg.block_size, cfg.batch_size, cfg.seed)
     total_steps = plan_steps(cfg, len(train_tokens), model_cfg.block_size, batches)
+    budget = parse_duration(cfg.time) if cfg.time else 0.0
+    if budget:
+        total_steps = 10**12  # the clock decides
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
 
     step, best_val, tokens_seen, elapsed_before = 0, float("inf"), 0, 0.0
@@ -372,7 +381,7 @@ def train(
     if resume:
         restore(ckpt.load_train_state(run_dir / ckpt.TRAIN_STATE))
         metrics.load(up_to_step=step)
-        say(f"resuming {run_dir} at step {step:,} of {total_steps:,}")
+        say(f"resuming {run_dir} at step {step:,}" + ("" if budget else f" of {total_steps:,}"))
     else:
         tokenizer.save(run_dir)
     ckpt.write_run_config(run_dir, model_cfg, cfg, {"type": meta["tokenizer"], "vocab_size": tokenizer.vocab_size})
@@ -428,7 +437,9 @@ def train(
         ckpt.save_resume_point(run_dir, model, state, info)
 
     splits = {"train": train_tokens, "val": val_tokens}
-    progress = Progress(total_steps, step, cfg.log_interval, enabled=not quiet)
+    progress = Progress(None if budget else total_steps, step, cfg.log_interval, enabled=not quiet)
+    if budget:
+        say(f"training for {cfg.time} of wall-clock time; the learning rate decays over the budget")
     t_start = time.perf_counter()
     t_window, tokens_window = t_start, 0
     elapsed = elapsed_before
@@ -440,7 +451,9 @@ def train(
     with StopRequest() as stop:
         while True:
             elapsed = elapsed_before + time.perf_counter() - t_start
-            if (step % cfg.eval_interval == 0 or step == total_steps) and not just_resumed:
+            finished = step >= total_steps or (budget and elapsed >= budget)
+            time_fraction = elapsed / budget if budget else None
+            if (step % cfg.eval_interval == 0 or finished) and not just_resumed:
                 losses = estimate_loss(model, splits, cfg, model_cfg.block_size, device, autocast)
                 is_best = losses["val"] < best_val
                 best_val = min(best_val, losses["val"])
@@ -448,7 +461,7 @@ def train(
                 metrics.append(
                     {
                         "step": step, "tokens_seen": tokens_seen, "epoch": f"{batches.epoch():.4f}",
-                        "lr": f"{learning_rate(max(step - 1, 0), cfg, total_steps) * lr_scale:.6g}",
+                        "lr": f"{learning_rate(max(step - 1, 0), cfg, total_steps, time_fraction) * lr_scale:.6g}",
                         "train_loss": f"{losses['train']:.6f}", "val_loss": f"{losses['val']:.6f}",
                         "tokens_per_sec": f"{tokens_per_sec:.1f}", "elapsed_sec": f"{elapsed:.2f}",
                     },
@@ -470,10 +483,10 @@ def train(
                     f"stopped at step {step} and saved {run_dir / ckpt.LAST}; "
                     f"continue with `gptlab train --resume {run_dir}`"
                 )
-            if step >= total_steps:
+            if finished:
                 break
 
-            lr = learning_rate(step, cfg, total_steps) * lr_scale
+            lr = learning_rate(step, cfg, total_steps, time_fraction) * lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for _ in range(cfg.grad_accum):
@@ -530,7 +543,10 @@ def train(
             if logging_now and last_loss is not None:
                 shown = last_loss.item()
                 t_window, tokens_window = now, 0
-            eta = (total_steps - step) * tokens_per_step / max(rate, 1e-9)
+            if budget:
+                eta = max(0.0, budget - (elapsed_before + now - t_start))
+            else:
+                eta = (total_steps - step) * tokens_per_step / max(rate, 1e-9)
             progress.step(step, shown, lr, rate, elapsed_before + now - t_start, eta)
     progress.close()
     elapsed = elapsed_before + time.perf_counter() - t_start
