@@ -205,15 +205,27 @@ def get_preset(name: str) -> dict[str, Any]:
     raise GptlabError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
 
 
+def _check_type(key: str, expected: str, value: Any, source: str) -> Any:
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+    }[expected]
+    if not ok:
+        raise GptlabError(f"{source}: {key} must be {'a number' if expected == 'float' else f'a {expected}'}, got {value!r}")
+    return float(value) if expected == "float" else value
+
+
 def _split_flat(values: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    model_keys = {f.name for f in fields(ModelConfig)}
-    train_keys = {f.name for f in fields(TrainConfig)}
+    model_types = {f.name: str(f.type) for f in fields(ModelConfig)}
+    train_types = {f.name: str(f.type) for f in fields(TrainConfig)}
     model, train = {}, {}
     for key, value in values.items():
-        if key in model_keys:
-            model[key] = value
-        elif key in train_keys:
-            train[key] = value
+        if key in model_types:
+            model[key] = _check_type(key, model_types[key], value, source)
+        elif key in train_types:
+            train[key] = _check_type(key, train_types[key], value, source)
         else:
             raise GptlabError(f"{source}: unknown setting {key!r}; see `gptlab train --help` for the list")
     return model, train
@@ -233,7 +245,11 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(raw, dict):
         raise GptlabError(f"config file {path} must hold a JSON object")
     if "model" in raw or "train" in raw:
-        model, train = _split_flat({**raw.get("model", {}), **raw.get("train", {})}, str(path))
+        sections = {name: raw.get(name, {}) for name in ("model", "train")}
+        for name, section in sections.items():
+            if not isinstance(section, dict):
+                raise GptlabError(f"config file {path}: \"{name}\" must be a JSON object of settings")
+        model, train = _split_flat({**sections["model"], **sections["train"]}, str(path))
     else:
         model, train = _split_flat(raw, str(path))
     return model, train

@@ -139,7 +139,8 @@ def check_text_file(path: Path) -> None:
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
-            raise GptlabError(f"{path} is not valid UTF-8 (it ends inside a character at offset {offset}); convert it to UTF-8") from None
+            start = offset - len(decoder.getstate()[0])
+            raise GptlabError(f"{path} is not valid UTF-8 (it ends inside a character at offset {start}); convert it to UTF-8") from None
 
 
 def _char_boundary(path: Path, cut: int) -> int:
@@ -307,10 +308,10 @@ def prepare(
     out = Path(out) if out else default_data_dir(name, tokenizer)
     if out.exists() and not out.is_dir():
         raise GptlabError(f"{out} exists and is not a folder; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     train_segs, val_segs = plan_split(files, val_fraction)
     if not train_segs or not val_segs:
         raise GptlabError("the text is too short to split into train and val; give more text")
+    out.mkdir(parents=True, exist_ok=True)
     total_bytes = sum(p.stat().st_size for p in files)
     t0 = time.time()
     log(f"preparing {total_bytes:,} bytes from {len(files)} file(s) with the {tokenizer} tokenizer -> {out}")

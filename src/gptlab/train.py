@@ -170,13 +170,14 @@ class TrainResult:
     tokens_seen: int
     elapsed_sec: float
     num_params: int
+    step_seconds: list[float]
 
 
 class Progress:
     """A tqdm bar on a terminal; plain log lines every `log_interval` steps otherwise."""
 
     def __init__(self, total: int | None, start: int, log_interval: int, enabled: bool = True) -> None:
-        self.total, self.log_interval = total, log_interval
+        self.total, self.log_interval, self.enabled = total, log_interval, enabled
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -188,7 +189,7 @@ class Progress:
             self.bar.update(1)
             if loss is not None:
                 self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
-        elif loss is not None:
+        elif loss is not None and self.enabled:
             print(
                 f"step {step:>6}{f'/{self.total}' if self.total else ''} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_sec:,.0f} tok/s"
                 f" | {elapsed:,.0f}s elapsed | ETA {eta:,.0f}s",
@@ -198,7 +199,7 @@ class Progress:
     def write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
-        else:
+        elif self.enabled:
             print(text, flush=True)
 
     def close(self) -> None:
@@ -447,6 +448,7 @@ def train(
     last_loss: torch.Tensor | None = None
     just_resumed = resume
     nan_steps, bad_streak = injected_nan_steps(), 0
+    step_seconds: list[float] = []  # optimizer steps only, no evaluation or checkpoint time
     model.train()
     with StopRequest() as stop:
         while True:
@@ -486,6 +488,7 @@ def train(
             if finished:
                 break
 
+            t_step = time.perf_counter()
             lr = learning_rate(step, cfg, total_steps, time_fraction) * lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -534,6 +537,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
+            step_seconds.append(time.perf_counter() - t_step)
             tokens_window += tokens_per_step
 
             logging_now = step % cfg.log_interval == 0 or step == total_steps
@@ -555,6 +559,7 @@ def train(
     return TrainResult(
         run_dir=run_dir, steps=step, best_val_loss=best_val, final_train_loss=losses["train"],
         final_val_loss=losses["val"], tokens_seen=tokens_seen, elapsed_sec=elapsed, num_params=n_params,
+        step_seconds=step_seconds,
     )
 
 

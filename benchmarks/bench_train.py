@@ -1,0 +1,191 @@
+"""Training speed: gptlab's trainer against a nanoGPT-style reference loop, side by side, one machine.
+
+Prints ms/iter, tokens/s and model FLOPs utilisation (MFU) for three shapes:
+  recipe      nanoGPT's CPU recipe: 4 layers, 4 heads, 128 wide, context 64, batch 12, vocab 65
+  char-small  6 layers, 6 heads, 384 wide, context 256, batch 64, vocab 65
+  gpt2-124m   12 layers, 12 heads, 768 wide, vocab 50257, batch 4 x 128
+
+MFU = (6 N + 12 L C T) FLOPs per token x tokens/s / peak, where the peak is this machine's float32
+matmul rate, measured by the script itself. The reference is written here the way nanoGPT's
+train.py runs on a CPU: eager, float32, torch AdamW without fused or foreach kernels, loss.item()
+every step.
+
+    python benchmarks/bench_train.py                 # all shapes
+    python benchmarks/bench_train.py --shapes recipe # one shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+SHAPES = {
+    "recipe": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, tokenizer="char", steps=60, warmup=10),
+    "char-small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, tokenizer="char", steps=6, warmup=2),
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=128, batch_size=4, tokenizer="gpt2", steps=5, warmup=2),
+}
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 6) -> float:
+    """This machine's float32 matmul rate in GFLOP/s (best of `reps`)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+# ---- the reference: nanoGPT's model and loop, as it runs on a CPU ---------------------------------
+
+
+class RefAttention(nn.Module):
+    def __init__(self, c: dict) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(c["n_embd"], 3 * c["n_embd"], bias=c["bias"])
+        self.c_proj = nn.Linear(c["n_embd"], c["n_embd"], bias=c["bias"])
+        self.n_head, self.n_embd = c["n_head"], c["n_embd"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class RefBlock(nn.Module):
+    def __init__(self, c: dict) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(c["n_embd"], bias=c["bias"])
+        self.attn = RefAttention(c)
+        self.ln_2 = nn.LayerNorm(c["n_embd"], bias=c["bias"])
+        self.c_fc = nn.Linear(c["n_embd"], 4 * c["n_embd"], bias=c["bias"])
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * c["n_embd"], c["n_embd"], bias=c["bias"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.c_proj(self.gelu(self.c_fc(self.ln_2(x))))
+
+
+class RefGPT(nn.Module):
+    def __init__(self, c: dict) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(c["vocab_size"], c["n_embd"])
+        self.wpe = nn.Embedding(c["block_size"], c["n_embd"])
+        self.h = nn.ModuleList([RefBlock(c) for _ in range(c["n_layer"])])
+        self.ln_f = nn.LayerNorm(c["n_embd"], bias=c["bias"])
+        self.lm_head = nn.Linear(c["n_embd"], c["vocab_size"], bias=False)
+        self.wte.weight = self.lm_head.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+
+def reference_step_seconds(shape: dict, vocab_size: int, tokens, seed: int = 1337) -> list[float]:
+    """Per-step wall time of the nanoGPT-style loop."""
+    from gptlab.data import RandomBatches
+
+    torch.manual_seed(seed)
+    c = dict(shape, vocab_size=vocab_size, bias=shape["tokenizer"] == "gpt2")
+    model = RefGPT(c)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=1e-3, betas=(0.9, 0.99), foreach=False, fused=False)
+    batches = RandomBatches(tokens, shape["block_size"], shape["batch_size"], seed)
+    times = []
+    for _ in range(shape["warmup"] + shape["steps"]):
+        t = time.perf_counter()
+        x, y = batches.next()
+        loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        loss.item()
+        times.append(time.perf_counter() - t)
+    return times[shape["warmup"]:]
+
+
+def ours_step_seconds(shape: dict, data_dir: Path, out: Path) -> tuple[list[float], int, int]:
+    """Per-step wall time of gptlab's own training loop (evaluation time excluded)."""
+    from gptlab.config import resolve_config
+    from gptlab.train import train
+
+    overrides = dict(
+        n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"], block_size=shape["block_size"],
+        dropout=0.0, bias=shape["tokenizer"] == "gpt2", batch_size=shape["batch_size"], data=str(data_dir), out=str(out),
+        max_iters=shape["warmup"] + shape["steps"], eval_interval=10**6, eval_iters=1, num_samples=0, compile="off",
+        dtype="float32",
+    )
+    model_cfg, cfg = resolve_config(None, None, overrides)
+    result = train(model_cfg, cfg, quiet=True, overwrite=True)
+    from gptlab.config import ModelConfig
+    from gptlab.model import GPT
+
+    vocab = __import__("json").loads((data_dir / "meta.json").read_text())["vocab_size"]
+    model = GPT(ModelConfig(**{**model_cfg.__dict__, "vocab_size": vocab}))
+    return result.step_seconds[shape["warmup"]:], model.flops_per_token(), vocab
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from gptlab.data import load_tokens, prepare
+
+    peak = matmul_peak_gflops()
+    print(f"torch {torch.__version__}, {args.threads} threads, float32 matmul peak {peak:,.0f} GFLOP/s (measured)")
+    print()
+    header = f"{'shape':<11} {'trainer':<10} {'ms/iter':>9} {'tokens/s':>10} {'MFU':>6}   ratio"
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared: dict[str, Path] = {}
+        for name in args.shapes:
+            shape = SHAPES[name]
+            kind = shape["tokenizer"]
+            if kind not in prepared:
+                prepared[kind] = prepare(["shakespeare"], kind, Path(tmp) / f"data-{kind}", log=lambda *a: None)
+            data_dir = prepared[kind]
+            ours, flops_per_token, vocab = ours_step_seconds(shape, data_dir, Path(tmp) / f"run-{name}")
+            ref = reference_step_seconds(shape, vocab, load_tokens(data_dir, "train"))
+            tokens_per_step = shape["batch_size"] * shape["block_size"]
+            rows = []
+            for label, times in (("nanoGPT", ref), ("gptlab", ours)):
+                step = statistics.median(times)
+                tps = tokens_per_step / step
+                mfu = flops_per_token * tps / (peak * 1e9)
+                rows.append((label, step, tps, mfu))
+            for label, step, tps, mfu in rows:
+                ratio = f"{tps / rows[0][2]:.2f}x" if label == "gptlab" else ""
+                print(f"{name:<11} {label:<10} {step * 1e3:>9.1f} {tps:>10,.0f} {mfu:>6.1%}   {ratio}")
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
