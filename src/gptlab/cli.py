@@ -13,7 +13,7 @@ import sys
 from dataclasses import MISSING, fields
 from typing import Any
 
-from gptlab.errors import GptlabError
+from gptlab.errors import GptlabError, TrainingInterrupted
 
 TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -83,6 +83,55 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("run", nargs="?", help="run folder")
     i.add_argument("--preset", default=None, help="describe a preset instead of a run")
     i.add_argument("--json", action="store_true", help="print JSON")
+
+    from gptlab.config import SampleConfig
+
+    s = sub.add_parser("sample", help="generate text from a trained run",
+                       description="Generate text from a run folder. \\n and \\t in --prompt and --stop mean newline and tab.")
+    s.add_argument("run", help="run folder")
+    s.add_argument("--prompt", default="", help="text to continue (default: empty, a fresh start)")
+    s.add_argument("--prompt-file", default=None, metavar="FILE", help="read the prompt from a UTF-8 file instead")
+    s.add_argument("--greedy", action="store_true", help="always take the most likely token (--temperature 0)")
+    s.add_argument("--stream", action="store_true", help="print the text as it is made (one sample)")
+    s.add_argument("--check-copying", action="store_true",
+                   help="report how much of each sample is copied verbatim from the training text")
+    s.add_argument("--copy-ngram", type=int, default=8, metavar="N",
+                   help="n-gram length in tokens for --check-copying (default: 8)")
+    s.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
+    group = s.add_argument_group("sampling")
+    for f in fields(SampleConfig):  # one flag per field, like the training flags
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")
+        if f.name == "stop":
+            group.add_argument(flag, dest=f.name, action="append", default=argparse.SUPPRESS, metavar="TEXT",
+                               help=f"{f.metadata['help']}; give it again for more")
+        else:
+            group.add_argument(flag, dest=f.name, type=float if f.type == "float" else int, default=argparse.SUPPRESS,
+                               metavar=f.name.upper(), help=help_text)
+
+    e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on text",
+                       description="Score a run on its own val split, a prepared data folder's val split, or a text file.")
+    e.add_argument("run", help="run folder")
+    e.add_argument("--data", default=None, metavar="TEXT", help="a text file or a prepared data folder (default: the run's val split)")
+    e.add_argument("--stride", type=int, default=0,
+                   help="tokens between window starts; less than the context scores with more context (default: 0 = the context length)")
+    e.add_argument("--batch-size", type=int, default=0, help="windows per forward pass (default: 0 = as many as fit in 256 MB of logits)")
+    e.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
+    e.add_argument("--json", action="store_true", help="print JSON")
+
+    pl = sub.add_parser("plot", help="draw a figure of a run: next-token temperatures, or the loss curves",
+                        description="temperature: the next-token distribution after --prompt at several temperatures. "
+                                    "loss: redraw loss.png from metrics.csv.")
+    pl.add_argument("kind", choices=["temperature", "loss"], help="which figure")
+    pl.add_argument("run", help="run folder")
+    pl.add_argument("--prompt", default="", help="text whose next token is shown (temperature)")
+    pl.add_argument("--temperatures", default="0.1,1,5", help="comma-separated, each > 0 (default: '0.1,1,5')")
+    pl.add_argument("--top", type=int, default=20, help="tokens shown, the most likely first (default: 20)")
+    pl.add_argument("--out", default=None, help="PNG to write (default: <run>/temperature.png)")
+    pl.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
+    pl.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
     return parser
 
 
@@ -122,10 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             prepare(args.inputs, train_cfg.tokenizer, data_dir, train_cfg.val_fraction,
                     log=(lambda *a: None) if args.quiet else print)
         model_cfg, train_cfg = resolve_config(args.preset, config_file, {**overrides, "data": str(data_dir)})
-    result = train(model_cfg, train_cfg, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet)
-    if not args.quiet:
-        print(f"done: {result.steps:,} steps, best val loss {result.best_val_loss:.4f}, "
-              f"{result.elapsed_sec:,.1f}s; run folder {result.run_dir}")
+    train(model_cfg, train_cfg, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet)
     return 0
 
 
@@ -175,7 +221,114 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "info": cmd_info}
+def cmd_sample(args: argparse.Namespace) -> int:
+    import warnings
+    from dataclasses import replace
+
+    from gptlab.config import SampleConfig
+
+    settings = config_overrides(args, SampleConfig)
+    if args.greedy:
+        if "temperature" in settings:
+            raise GptlabError("give --greedy or --temperature, not both")
+        settings["temperature"] = 0.0
+    settings["stop"] = tuple(settings.get("stop", ()))
+    config = SampleConfig(**settings)  # every bad value is reported here, before torch loads
+    if args.stream and config.num_samples > 1:
+        raise GptlabError("--stream prints one sample as it is made; drop --num-samples or --stream")
+    if args.copy_ngram < 1:
+        raise GptlabError(f"--copy-ngram must be an integer >= 1, got {args.copy_ngram}")
+    from gptlab.generation import load, unescape
+
+    config = replace(config, stop=tuple(unescape(s) for s in config.stop))
+    prompt = unescape(args.prompt)
+    if args.prompt_file:
+        if args.prompt:
+            raise GptlabError("give --prompt or --prompt-file, not both")
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise GptlabError(f"cannot read --prompt-file {args.prompt_file} ({e}); give a UTF-8 text file") from None
+
+    with warnings.catch_warnings():  # a warning (a cropped prompt) is one line on stderr
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr, flush=True)
+        tm = load(args.run, args.checkpoint, args.device)
+        if args.check_copying:  # find the training text before spending time on samples
+            from gptlab.data import load_tokens
+
+            train_tokens = load_tokens(tm.training_data(), "train")
+        if args.stream:
+            sys.stdout.write(prompt)
+            pieces = []
+            for piece in tm.stream(prompt, config):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            texts = ["".join(pieces)]
+        else:
+            texts = tm.generate(prompt, config)
+            print(("\n" + "-" * 40 + "\n").join(prompt + text for text in texts))
+    if args.check_copying:
+        from gptlab.copycheck import check_copying
+
+        n = args.copy_ngram
+        print(f"--- copy check: {n}-token n-grams found verbatim in the {len(train_tokens):,}-token training text ---")
+        for number, report in enumerate(check_copying(texts, tm.tokenizer, train_tokens, n), 1):
+            print(f"sample {number}: {report.copied_share:.1%} of {report.total_chars:,} characters copied; "
+                  f"longest copied span {report.longest_chars:,} characters ({report.longest_tokens:,} tokens): "
+                  f"{report.longest_text[:120]!r}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.stride < 0 or args.batch_size < 0:
+        raise GptlabError("--stride and --batch-size must be zero (automatic) or positive")
+    from gptlab.evaluate import evaluate
+    from gptlab.generation import load
+
+    tm = load(args.run, args.checkpoint, args.device)
+    result = evaluate(tm, args.data, stride=args.stride, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=1))
+        return 0
+    print(f"{result.source}: loss {result.loss:.4f}, perplexity {result.perplexity:.3f}, "
+          f"bits per byte {result.bits_per_byte:.4f} ({result.tokens:,} tokens, {result.bytes:,} bytes, "
+          f"{result.windows:,} windows)")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    if args.kind == "loss":
+        from gptlab.checkpoint import read_run_config
+        from gptlab.report import plot_losses
+
+        read_run_config(args.run)  # a clear error when it is not a run folder
+        path = plot_losses(args.run)
+        if path is None:
+            raise GptlabError(f"{args.run} has no metrics.csv rows yet; train it first")
+        print(f"wrote {path}")
+        return 0
+    try:
+        temperatures = tuple(float(t) for t in args.temperatures.split(","))
+    except ValueError:
+        raise GptlabError(f"--temperatures must be numbers separated by commas, e.g. 0.1,1,5; got {args.temperatures!r}") from None
+    if any(not t > 0 for t in temperatures):
+        raise GptlabError(f"--temperatures must each be > 0, got {args.temperatures!r}")
+    if args.top < 1:
+        raise GptlabError(f"--top must be an integer >= 1, got {args.top}")
+    from gptlab.generation import load, plot_temperature, unescape
+
+    tm = load(args.run, args.checkpoint, args.device)
+    path = plot_temperature(tm, unescape(args.prompt), args.out, temperatures, args.top)
+    print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "info": cmd_info,
+            "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,8 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except GptlabError as e:
-        from gptlab.train import TrainingInterrupted
-
         if isinstance(e, TrainingInterrupted):
             print(f"gptlab {args.command}: {e}", file=sys.stderr)
             return 130

@@ -290,13 +290,13 @@ class SampleConfig:
     max_new_tokens: int = _help("tokens to generate per sample", default=300)
     num_samples: int = _help("samples per prompt (they share one pass over the prompt)", default=1)
     temperature: float = _help("softmax temperature; 0 = greedy (always the most likely token)", default=0.8)
-    top_k: int | None = _help("keep only the k most likely tokens; None = off", default=None)
+    top_k: int | None = _help("keep only the k most likely tokens; unset (None) = off", default=None)
     top_p: float = _help("nucleus: keep the fewest tokens whose probabilities sum to p; 1 = off", default=1.0)
     min_p: float = _help("drop tokens less likely than min_p times the most likely one; 0 = off", default=0.0)
     repetition_penalty: float = _help(
         "tokens already in the text: positive logits divided, negative multiplied by this (CTRL); 1 = off", default=1.0
     )
-    seed: int | None = _help("random seed; the same seed gives the same text; None = a fresh one", default=None)
+    seed: int | None = _help("random seed: the same seed gives the same text; unset (None) = a fresh one", default=None)
     stop: tuple[str, ...] = _help("stop at the first of these strings (left out of the text)", default=())
     max_new_tokens_limit: int = _help("ceiling on max_new_tokens, against typos like 3000000", default=100_000)
 

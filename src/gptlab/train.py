@@ -38,7 +38,7 @@ from gptlab.data import (
     load_tokens,
     read_meta,
 )
-from gptlab.errors import GptlabError
+from gptlab.errors import GptlabError, TrainingInterrupted
 from gptlab.model import GPT
 from gptlab.tokenizer import load_tokenizer
 
@@ -244,10 +244,6 @@ def plan_steps(cfg: TrainConfig, train_tokens: int, block_size: int, sampler: An
     if isinstance(sampler, SlidingBatches):
         return max(1, math.ceil(cfg.epochs * sampler.windows_per_epoch() / windows_per_step))
     return max(1, math.ceil(cfg.epochs * train_tokens / (windows_per_step * block_size)))
-
-
-class TrainingInterrupted(GptlabError):
-    """Ctrl-C or SIGTERM: the run saved its state and stopped; the CLI exits with 130."""
 
 
 class StopRequest:
@@ -555,6 +551,7 @@ def train(
     progress.close()
     elapsed = elapsed_before + time.perf_counter() - t_start
 
+    say(f"done: {step:,} steps in {elapsed:,.1f}s, best val loss {best_val:.4f}")
     finish_run(run_dir, model, tokenizer, cfg, say)
     return TrainResult(
         run_dir=run_dir, steps=step, best_val_loss=best_val, final_train_loss=losses["train"],

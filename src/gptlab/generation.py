@@ -1,0 +1,319 @@
+"""Text in, text out: a trained run loaded with its tokenizer, sampled as strings or streamed pieces.
+
+    from gptlab import load
+    m = load("runs/shakespeare")
+    m.generate("ROMEO:", max_new_tokens=200, num_samples=2, temperature=0.8, stop="\\n\\n", seed=7)
+    for piece in m.stream("Once upon a time"):
+        print(piece, end="", flush=True)
+
+Design choices:
+- The returned text is the continuation only, never the prompt; an empty prompt starts from the
+  end-of-text token (BPE) or a newline (char), as `samples.txt` does.
+- Decoding is incremental and byte-level: each token's bytes go through one UTF-8 incremental
+  decoder per sample, so a character split across tokens waits for its last byte instead of
+  showing up as U+FFFD. `generate` is built from the same pieces as `stream`, so for the same seed
+  the streamed pieces join to exactly the generated text.
+- Stop strings are matched on the decoded text, so one split across tokens still stops. The text
+  is cut before the stop string. While streaming, a tail that could be the start of a stop string
+  is held back until the next token settles it.
+- Settings are the fields of `SampleConfig` (validated there, with the flag names the CLI uses),
+  given as keywords or as a config.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptlab import checkpoint as ckpt
+from gptlab.config import ModelConfig, SampleConfig
+from gptlab.engine import Engine
+from gptlab.errors import GptlabError
+from gptlab.model import GPT
+from gptlab.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
+
+TEMPERATURE_PLOT = "temperature.png"
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte <-> printable character table, inverted: character -> byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def token_bytes_fn(tokenizer: Tokenizer) -> Callable[[int], bytes]:
+    """A function from one token id to the bytes it stands for (BPE tokens may hold part of a character)."""
+    if isinstance(tokenizer, CharTokenizer):
+        chars = tokenizer.chars
+        return lambda i: chars[i].encode("utf-8")
+    if isinstance(tokenizer, GPT2Tokenizer):
+        return tokenizer.enc.decode_single_token_bytes
+    hf = getattr(tokenizer, "hf", None)
+    if hf is not None:  # the byte-level BPE trained with Hugging Face `tokenizers`
+        table = _byte_level_alphabet()
+
+        def hf_bytes(i: int) -> bytes:
+            token = hf.id_to_token(i) or ""
+            if all(c in table for c in token):
+                return bytes(table[c] for c in token)
+            return token.encode("utf-8")
+
+        return hf_bytes
+    return lambda i: tokenizer.decode([i]).encode("utf-8")
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """Bytes of text behind every token id (0 for end-of-text, which stands for no text)."""
+    to_bytes = token_bytes_fn(tokenizer)
+    lengths = np.fromiter((len(to_bytes(i)) for i in range(tokenizer.vocab_size)), dtype=np.int64,
+                          count=tokenizer.vocab_size)
+    if tokenizer.eot_id is not None:
+        lengths[tokenizer.eot_id] = 0
+    return lengths
+
+
+def unescape(text: str) -> str:
+    """Text typed on a command line with \\n, \\t and \\\\ read as newline, tab and backslash."""
+    out, i = [], 0
+    while i < len(text):
+        pair = text[i : i + 2]
+        if pair in ("\\n", "\\t", "\\\\"):
+            out.append({"\\n": "\n", "\\t": "\t", "\\\\": "\\"}[pair])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def start_ids(tokenizer: Tokenizer) -> list[int]:
+    """What an empty prompt starts from: end-of-text for BPE, a newline for char."""
+    from gptlab.report import start_ids as report_start_ids
+
+    return report_start_ids(tokenizer)
+
+
+class SampleText:
+    """One sample's text as tokens arrive: incremental UTF-8, stop strings, and what is safe to show."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes], stop: Iterable[str] = ()) -> None:
+        self.token_bytes = token_bytes
+        self.stop = tuple(stop)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""  # decoded, not yet shown: it could be the start of a stop string
+        self.done = False
+
+    def push(self, token: int) -> str:
+        """Add one token; return the text that is now settled (possibly empty)."""
+        return self._settle(self.utf8.decode(self.token_bytes(token)), final=False)
+
+    def finish(self) -> str:
+        """End the sample (end-of-text or max tokens); return what was still held back."""
+        return self._settle(self.utf8.decode(b"", final=True), final=True)
+
+    def _settle(self, new: str, final: bool) -> str:
+        if self.done:
+            return ""
+        text = self.pending + new
+        # Shown text never ends in the start of a stop string, so any match lies within `text`.
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self.done, self.pending = True, ""
+            return text[: min(cuts)]
+        if final:
+            self.done, self.pending = True, ""
+            return text
+        hold = 0
+        for n in range(min(len(text), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+            tail = text[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                hold = n
+                break
+        self.pending = text[len(text) - hold :]
+        return text[: len(text) - hold]
+
+
+class TextModel:
+    """A trained GPT and its tokenizer: generate text, stream it, look at next-token probabilities."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, run_dir: str | Path | None = None,
+                 data_dir: str | None = None, slide: int | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.data_dir = data_dir or None
+        self.engine = Engine(model, eot_id=tokenizer.eot_id, slide=slide)
+        self.token_bytes = token_bytes_fn(tokenizer)
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's shape."""
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return self.engine.device
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a prompt; the tokenizer's start token for an empty one."""
+        if not isinstance(prompt, str):
+            raise GptlabError(f"the prompt must be text, got {type(prompt).__name__}")
+        return self.tokenizer.encode(prompt) if prompt else start_ids(self.tokenizer)
+
+    def pieces(self, prompt: str = "", config: SampleConfig | None = None, **settings: Any) -> Iterator[tuple[int, str]]:
+        """(sample index, text piece) as the samples are made; each sample's pieces join to its text."""
+        config = _config(config, settings)
+        ids = self.encode_prompt(prompt)
+        samples = [SampleText(self.token_bytes, config.stop) for _ in range(config.num_samples)]
+        live = len(samples)
+        for column in self.engine.stream(ids, config):
+            for row, token in enumerate(column):
+                sample = samples[row]
+                if sample.done:
+                    continue
+                piece = sample.finish() if token is None else sample.push(token)
+                if piece:
+                    yield row, piece
+                live -= sample.done
+            if live == 0:
+                return
+        for row, sample in enumerate(samples):
+            piece = sample.finish()
+            if piece:
+                yield row, piece
+
+    def generate(self, prompt: str = "", config: SampleConfig | None = None, **settings: Any) -> list[str]:
+        """`num_samples` continuations of `prompt` (settings: any SampleConfig field, e.g. temperature=0.8)."""
+        config = _config(config, settings)
+        texts: list[list[str]] = [[] for _ in range(config.num_samples)]
+        for row, piece in self.pieces(prompt, config):
+            texts[row].append(piece)
+        return ["".join(t) for t in texts]
+
+    def stream(self, prompt: str = "", config: SampleConfig | None = None, **settings: Any) -> Iterator[str]:
+        """One continuation of `prompt`, yielded in pieces as it is made."""
+        config = _config(config, settings)
+        if config.num_samples != 1:
+            raise GptlabError("streaming shows one sample as it is made; use --num-samples 1 (or generate() for several)")
+        for _, piece in self.pieces(prompt, config):
+            yield piece
+
+    @torch.inference_mode()
+    def next_token_logits(self, prompt: str = "") -> torch.Tensor:
+        """Logits (vocab,) for the token after `prompt` (its last `block_size` tokens)."""
+        ids = self.encode_prompt(prompt)[-self.config.block_size :]
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.model(idx)[0, -1].float().cpu()
+
+    def training_data(self) -> Path:
+        """The prepared data folder this run was trained on (config.json's train.data)."""
+        if not self.data_dir:
+            raise GptlabError("this model does not know its training data (no train.data in config.json)")
+        path = Path(self.data_dir)
+        # A relative path was relative to where training ran: usually the folder that holds runs/.
+        if not path.is_absolute() and not path.is_dir() and self.run_dir is not None:
+            beside_runs = self.run_dir.resolve().parent.parent / path
+            path = beside_runs if beside_runs.is_dir() else path
+        if not (path / "meta.json").is_file():
+            raise GptlabError(
+                f"the run's training data {path} (train.data in config.json) is not there; "
+                "run gptlab from the folder you trained in (`gptlab eval --data FILE` scores other text)"
+            )
+        return path
+
+
+def _config(config: SampleConfig | None, settings: dict[str, Any]) -> SampleConfig:
+    if config is None:
+        return SampleConfig(**settings)
+    return replace(config, **settings) if settings else config
+
+
+def weights_path(run_dir: Path, checkpoint: str) -> Path:
+    """The weights file a --checkpoint value names: best, last, or a path to a .safetensors file."""
+    if checkpoint == "best":
+        path = run_dir / ckpt.BEST
+        return path if path.is_file() else run_dir / ckpt.LAST
+    if checkpoint == "last":
+        return run_dir / ckpt.LAST
+    path = Path(checkpoint)
+    if path.suffix != ".safetensors":
+        raise GptlabError(f"--checkpoint must be best, last or a .safetensors file, got {checkpoint!r}")
+    return path
+
+
+def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto", slide: int | None = None) -> TextModel:
+    """Load a run folder (config, tokenizer, weights) ready to generate text."""
+    from gptlab.train import autodetect_device
+
+    run_dir = Path(run_dir)
+    model_cfg, train_cfg, _ = ckpt.read_run_config(run_dir)
+    tokenizer = load_tokenizer(run_dir)
+    path = weights_path(run_dir, checkpoint)
+    model = GPT(model_cfg)
+    ckpt.load_weights_into(model, path)
+    model.to(autodetect_device(device))
+    return TextModel(model, tokenizer, run_dir=run_dir, data_dir=train_cfg.data, slide=slide)
+
+
+def token_label(tokenizer: Tokenizer, token: int) -> str:
+    """A short printable name for a token: whitespace made visible, partial characters as bytes."""
+    text = tokenizer.decode([token])
+    if "\ufffd" in text:
+        return repr(token_bytes_fn(tokenizer)(token))[1:]
+    return text.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t") or repr(text)
+
+
+def plot_temperature(
+    tm: TextModel, prompt: str = "", path: str | Path | None = None,
+    temperatures: tuple[float, ...] = (0.1, 1.0, 5.0), top: int = 20,
+) -> Path:
+    """Draw the next-token distribution after `prompt` at several temperatures to a PNG; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if any(not t > 0 for t in temperatures):
+        raise GptlabError(f"temperatures to plot must be > 0, got {', '.join(map(str, temperatures))}")
+    if path is None:
+        if tm.run_dir is None:
+            raise GptlabError("give a path for the plot")
+        path = tm.run_dir / TEMPERATURE_PLOT
+    path = Path(path)
+    logits = tm.next_token_logits(prompt)
+    shown = torch.argsort(logits, descending=True)[: min(top, logits.numel())]  # the most likely at T = 1
+    labels = [token_label(tm.tokenizer, int(i)) for i in shown]
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(labels) + 2), 4.2), dpi=120)
+    width = 0.8 / len(temperatures)
+    x = np.arange(len(labels))
+    for n, t in enumerate(temperatures):
+        probs = torch.softmax(logits / t, dim=-1)[shown].numpy()
+        ax.bar(x + (n - (len(temperatures) - 1) / 2) * width, probs, width, label=f"temperature {t:g}")
+    ax.set_xticks(x, labels, rotation=90 if max(map(len, labels)) > 3 else 0, fontsize=8)
+    ax.set_ylabel("probability of the next token")
+    tail = prompt[-40:] if prompt else "(empty prompt)"
+    ax.set_title(f"next token after {tail!r}: the {len(labels)} most likely at temperature 1", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    data = buffer.getvalue()
+    ckpt.atomic_write(path, lambda f: f.write(data))
+    return path
