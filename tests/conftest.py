@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -72,3 +73,12 @@ def copy_run(tmp_path, tiny_run):
         shutil.copytree(tiny_run, dst)
         return dst
     return _copy
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and a second one stalls when the other core is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

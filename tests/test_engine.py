@@ -23,14 +23,7 @@ from gptlab.engine import (
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and a second one stalls when the other core is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(block_size=64, vocab_size=50, bias=False, n_layer=2, **kw):

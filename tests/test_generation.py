@@ -20,7 +20,7 @@ from gptlab.copycheck import NgramIndex, check_copying
 from gptlab.data import load_tokens
 from gptlab.errors import GptlabError
 from gptlab.evaluate import evaluate, score_tokens, window_plan
-from gptlab.generation import SampleText, TextModel, plot_temperature, token_byte_lengths, token_bytes_fn
+from gptlab.generation import SampleText, TextModel, plot_temperature, token_byte_lengths
 from gptlab.model import GPT
 from gptlab.tokenizer import CharTokenizer, GPT2Tokenizer
 
@@ -31,12 +31,7 @@ RECITED = " ü日本語のテキスト — Ünïcödé ✓ 😀"
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest, and never stalls
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
@@ -144,7 +139,7 @@ def test_char_prompt_with_unseen_characters_names_them(char_model):
 
 
 def test_utf8_streaming_never_splits_a_character(utf8_model, gpt2_tokenizer, recited_ids):
-    to_bytes = token_bytes_fn(gpt2_tokenizer)
+    to_bytes = gpt2_tokenizer.token_bytes
     split = [t for t in recited_ids if not _is_utf8(to_bytes(t))]
     assert len(split) >= 10  # the output really is full of characters cut across tokens
     expected = gpt2_tokenizer.decode(recited_ids)
@@ -172,10 +167,10 @@ def test_end_of_text_ends_the_sample(gpt2_tokenizer):
 
 def test_sample_text_holds_back_only_a_possible_stop():
     chars = CharTokenizer("abc\n")
-    text = SampleText(token_bytes_fn(chars), stop=("\n\n",))
+    text = SampleText(chars.token_bytes, stop=("\n\n",))
     shown = [text.push(i) for i in chars.encode("ab\nc\n")] + [text.finish()]
     assert shown == ["a", "b", "", "\nc", "", "\n"]
-    text = SampleText(token_bytes_fn(chars), stop=("\n\n",))
+    text = SampleText(chars.token_bytes, stop=("\n\n",))
     assert [text.push(i) for i in chars.encode("a\n\nb")] == ["a", "", "", ""] and text.done
 
 

@@ -94,7 +94,6 @@ def test_target_loss_stops_early(tmp_path, char_data):
 
 
 def test_epochs_set_the_number_of_steps(tmp_path, char_data):
-    _, cfg = tiny_cfg(char_data, tmp_path / "r")
     meta = json.loads((char_data / "meta.json").read_text())
     result = train(*tiny_cfg(char_data, tmp_path / "r", epochs=0.5, sampler="sliding", stride=32), quiet=True)
     windows = len(range(0, meta["train_tokens"] - 32, 32))

@@ -76,12 +76,16 @@ def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED_KEYS}
 
 
-def save_weights(path: str | Path, model: torch.nn.Module, metadata: dict[str, Any] | None = None, run_dir: Any = None) -> None:
-    """Write the model's weights as safetensors, atomically."""
+def _weights_bytes(model: torch.nn.Module, metadata: dict[str, Any] | None) -> bytes:
     from safetensors.torch import save
 
     meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
-    data = save(state_dict_for_saving(model), metadata=meta)
+    return save(state_dict_for_saving(model), metadata=meta)
+
+
+def save_weights(path: str | Path, model: torch.nn.Module, metadata: dict[str, Any] | None = None, run_dir: Any = None) -> None:
+    """Write the model's weights as safetensors, atomically."""
+    data = _weights_bytes(model, metadata)
     atomic_write(path, lambda f: f.write(data), run_dir)
 
 
@@ -117,14 +121,6 @@ def load_weights_into(model: torch.nn.Module, path: str | Path) -> dict[str, str
     return metadata
 
 
-def save_train_state(path: str | Path, state: dict[str, Any], run_dir: Any = None) -> None:
-    """Write the training state (tensors and plain types only) atomically."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getvalue()
-    atomic_write(path, lambda f: f.write(data), run_dir)
-
-
 def load_train_state(path: str | Path) -> dict[str, Any]:
     """Read the training state with weights_only=True; a broken file is a one-line error."""
     path = Path(path)
@@ -147,19 +143,15 @@ def save_resume_point(run_dir: Path, model: torch.nn.Module, state: dict[str, An
     train state is the commit mark. Then both are renamed into place. `recover_resume_point` finishes
     an interrupted commit, or discards an incomplete one.
     """
-    from safetensors.torch import save
-
-    weights = save(state_dict_for_saving(model), metadata={"format": "pt", **{k: str(v) for k, v in metadata.items()}})
+    weights = _weights_bytes(model, metadata)
     buffer = io.BytesIO()
-    torch.save(state, buffer)
-    last, train_state = run_dir / LAST, run_dir / TRAIN_STATE
-    atomic_write(_staged(last), lambda f: f.write(weights), run_dir)
-    atomic_write(_staged(train_state), lambda f: f.write(buffer.getvalue()), run_dir)
-    recover_resume_point(run_dir)
+    torch.save(state, buffer)  # tensors and plain types only: loads back with weights_only=True
+    atomic_write(_staged(run_dir / LAST), lambda f: f.write(weights), run_dir)
+    atomic_write(_staged(run_dir / TRAIN_STATE), lambda f: f.write(buffer.getvalue()), run_dir)
+    _commit_staged(run_dir)
 
 
-def recover_resume_point(run_dir: Path) -> None:
-    """Complete a committed but unfinished save of the resume point; drop an uncommitted one."""
+def _commit_staged(run_dir: Path) -> None:
     last, train_state = run_dir / LAST, run_dir / TRAIN_STATE
     if _staged(train_state).exists():
         if _staged(last).exists():
@@ -167,6 +159,11 @@ def recover_resume_point(run_dir: Path) -> None:
         os.replace(_staged(train_state), train_state)
     else:
         _staged(last).unlink(missing_ok=True)
+
+
+def recover_resume_point(run_dir: Path) -> None:
+    """Complete a committed but unfinished save of the resume point, drop an uncommitted one, clear temp files."""
+    _commit_staged(run_dir)
     for leftover in run_dir.glob(".*.tmp"):
         leftover.unlink(missing_ok=True)
 
@@ -214,9 +211,13 @@ class MetricsLog:
         if not self.path.is_file():
             return
         with open(self.path, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                if up_to_step is None or int(row["step"]) <= up_to_step:
-                    self.rows.append(row)
+            self.rows = list(csv.DictReader(f))
+        if up_to_step is not None:
+            self.truncate(up_to_step)
+
+    def truncate(self, step: int) -> None:
+        """Forget rows after `step` (a rollback returns there; the file is rewritten on the next append)."""
+        self.rows = [r for r in self.rows if int(r["step"]) <= step]
 
     def append(self, row: dict[str, Any], run_dir: Path | None = None) -> None:
         """Add a row and rewrite the file."""

@@ -121,8 +121,6 @@ def _char_coverage(text: str, piece_bytes: list[bytes], covered: np.ndarray) -> 
 
 def check_sample(text: str, tokenizer: Tokenizer, index: NgramIndex) -> CopyReport:
     """Copied share and longest copied span of one sample against the indexed training tokens."""
-    from gptlab.generation import token_bytes_fn
-
     ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     n = index.n
     hashes = index.hashes(ids)
@@ -130,8 +128,7 @@ def check_sample(text: str, tokenizer: Tokenizer, index: NgramIndex) -> CopyRepo
     covered = np.zeros(len(ids), dtype=bool)
     for j in range(n):  # every token inside a matched n-gram
         covered[j : j + len(matched)] |= matched
-    to_bytes = token_bytes_fn(tokenizer)
-    piece_bytes = [to_bytes(int(i)) for i in ids]
+    piece_bytes = [tokenizer.token_bytes(int(i)) for i in ids]
     copied_chars = _char_coverage(text, piece_bytes, covered)
 
     best, best_at = 0, 0

@@ -23,7 +23,6 @@ Design choices:
 from __future__ import annotations
 
 import codecs
-import io
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -37,48 +36,14 @@ from gptlab.config import ModelConfig, SampleConfig
 from gptlab.engine import Engine
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
-from gptlab.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
+from gptlab.tokenizer import Tokenizer, load_tokenizer, start_ids
 
 TEMPERATURE_PLOT = "temperature.png"
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte <-> printable character table, inverted: character -> byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
-
-
-def token_bytes_fn(tokenizer: Tokenizer) -> Callable[[int], bytes]:
-    """A function from one token id to the bytes it stands for (BPE tokens may hold part of a character)."""
-    if isinstance(tokenizer, CharTokenizer):
-        chars = tokenizer.chars
-        return lambda i: chars[i].encode("utf-8")
-    if isinstance(tokenizer, GPT2Tokenizer):
-        return tokenizer.enc.decode_single_token_bytes
-    hf = getattr(tokenizer, "hf", None)
-    if hf is not None:  # the byte-level BPE trained with Hugging Face `tokenizers`
-        table = _byte_level_alphabet()
-
-        def hf_bytes(i: int) -> bytes:
-            token = hf.id_to_token(i) or ""
-            if all(c in table for c in token):
-                return bytes(table[c] for c in token)
-            return token.encode("utf-8")
-
-        return hf_bytes
-    return lambda i: tokenizer.decode([i]).encode("utf-8")
-
-
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     """Bytes of text behind every token id (0 for end-of-text, which stands for no text)."""
-    to_bytes = token_bytes_fn(tokenizer)
+    to_bytes = tokenizer.token_bytes
     lengths = np.fromiter((len(to_bytes(i)) for i in range(tokenizer.vocab_size)), dtype=np.int64,
                           count=tokenizer.vocab_size)
     if tokenizer.eot_id is not None:
@@ -98,13 +63,6 @@ def unescape(text: str) -> str:
             out.append(text[i])
             i += 1
     return "".join(out)
-
-
-def start_ids(tokenizer: Tokenizer) -> list[int]:
-    """What an empty prompt starts from: end-of-text for BPE, a newline for char."""
-    from gptlab.report import start_ids as report_start_ids
-
-    return report_start_ids(tokenizer)
 
 
 class SampleText:
@@ -157,7 +115,7 @@ class TextModel:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.data_dir = data_dir or None
         self.engine = Engine(model, eot_id=tokenizer.eot_id, slide=slide)
-        self.token_bytes = token_bytes_fn(tokenizer)
+        self.token_bytes = tokenizer.token_bytes
 
     @property
     def config(self) -> ModelConfig:
@@ -274,7 +232,7 @@ def token_label(tokenizer: Tokenizer, token: int) -> str:
     """A short printable name for a token: whitespace made visible, partial characters as bytes."""
     text = tokenizer.decode([token])
     if "\ufffd" in text:
-        return repr(token_bytes_fn(tokenizer)(token))[1:]
+        return repr(tokenizer.token_bytes(token))[1:]
     return text.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t") or repr(text)
 
 
@@ -287,6 +245,8 @@ def plot_temperature(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from gptlab.report import save_figure
 
     if any(not t > 0 for t in temperatures):
         raise GptlabError(f"temperatures to plot must be > 0, got {', '.join(map(str, temperatures))}")
@@ -310,10 +270,4 @@ def plot_temperature(
     ax.set_title(f"next token after {tail!r}: the {len(labels)} most likely at temperature 1", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    data = buffer.getvalue()
-    ckpt.atomic_write(path, lambda f: f.write(data))
-    return path
+    return save_figure(fig, path)

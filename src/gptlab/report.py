@@ -11,6 +11,7 @@ import torch
 
 from gptlab import checkpoint as ckpt
 from gptlab.engine import generate
+from gptlab.tokenizer import start_ids
 
 
 def plot_losses(run_dir: str | Path) -> Path | None:
@@ -39,24 +40,20 @@ def plot_losses(run_dir: str | Path) -> Path | None:
         tokens_per_step = rows[-1]["tokens_seen"] / rows[-1]["step"]
         top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
         top.set_xlabel("tokens seen")
+    return save_figure(fig, run_dir / ckpt.LOSS_PLOT, run_dir)
+
+
+def save_figure(fig: Any, path: Path, run_dir: Path | None = None) -> Path:
+    """Write a matplotlib figure as PNG atomically and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
     data = buffer.getvalue()
-    path = run_dir / ckpt.LOSS_PLOT
     ckpt.atomic_write(path, lambda f: f.write(data), run_dir)
     return path
-
-
-def start_ids(tokenizer: Any) -> list[int]:
-    """What an empty prompt starts from: end-of-text for BPE, a newline for char."""
-    if tokenizer.eot_id is not None:
-        return [tokenizer.eot_id]
-    try:
-        return tokenizer.encode("\n")
-    except Exception:
-        return [0]
 
 
 @torch.no_grad()

@@ -14,12 +14,15 @@ Design choices:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from gptlab.errors import GptlabError
 
@@ -40,6 +43,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
+    def token_bytes(self, token: int) -> bytes: ...
     def save(self, folder: str | Path) -> None: ...
 
 
@@ -63,6 +67,7 @@ class CharTokenizer:
         if not self.chars:
             raise GptlabError("cannot build a char tokenizer from empty text; give it a non-empty corpus")
         self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)  # sorted, for vectorised encoding
         self.vocab_size = len(self.chars)
         self.unknown = unknown
 
@@ -98,6 +103,10 @@ class CharTokenizer:
         """Text for `ids`."""
         chars = self.chars
         return "".join(chars[i] for i in ids)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The UTF-8 bytes of one token."""
+        return self.chars[token].encode("utf-8")
 
     def save(self, folder: str | Path) -> None:
         """Write `tokenizer.json` into `folder`."""
@@ -173,6 +182,10 @@ class GPT2Tokenizer:
         """Raw bytes for `ids`, for incremental decoding."""
         return self.enc.decode_bytes(list(ids))
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token (possibly part of a UTF-8 character)."""
+        return self.enc.decode_single_token_bytes(token)
+
     def save(self, folder: str | Path) -> None:
         """Write `tokenizer.json` and `gpt2.tiktoken` into `folder`."""
         import base64
@@ -228,12 +241,44 @@ class BPETokenizer:
         """Text for `ids`."""
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token (possibly part of a UTF-8 character); special tokens as their text."""
+        text = self.hf.id_to_token(token) or ""
+        table = _byte_level_alphabet()
+        if all(c in table for c in text):
+            return bytes(table[c] for c in text)
+        return text.encode("utf-8")
+
     def save(self, folder: str | Path) -> None:
         """Write `tokenizer.json` and `hf_tokenizer.json` into `folder`."""
         folder = Path(folder)
         _write_text_atomic(folder / "hf_tokenizer.json", self.hf.to_str())
         payload = {"type": "bpe", "vocab_size": self.vocab_size, "eot_id": self.eot_id, "hf_file": "hf_tokenizer.json"}
         _write_text_atomic(folder / DESCRIPTOR, json.dumps(payload, indent=1))
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level table (each byte shown as a printable character), inverted: character -> byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def start_ids(tokenizer: Tokenizer) -> list[int]:
+    """What an empty prompt starts from: end-of-text for BPE, a newline for char (id 0 if it has none)."""
+    if tokenizer.eot_id is not None:
+        return [tokenizer.eot_id]
+    try:
+        return tokenizer.encode("\n")
+    except GptlabError:
+        return [0]
 
 
 def parse_spec(spec: str) -> tuple[str, int]:

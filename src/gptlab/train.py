@@ -520,7 +520,7 @@ def train(
                     bad_streak = 0
                     t_start = t_window = time.perf_counter()
                     tokens_window = 0
-                    metrics.rows = [r for r in metrics.rows if int(r["step"]) <= step]
+                    metrics.truncate(step)
                     progress.write(
                         f"rolled back to step {step} with the learning rate halved (x{lr_scale:g}); "
                         f"rollback {rollbacks} of {cfg.max_rollbacks}"
