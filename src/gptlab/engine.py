@@ -63,6 +63,9 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
         self.pos = 0  # positions filled so far
+        # Made once, so a decode step looks them up instead of building index and mask tensors.
+        self._index = torch.arange(max_len, device=device).view(max_len, 1)
+        self._visible = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril().view(max_len, 1, 1, 1, max_len)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> KVCache:
@@ -93,6 +96,18 @@ class KVCache:
         if T != 1:
             raise ValueError("a cache that already holds positions takes one token at a time")
         return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
+
+    def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one position's keys/values (B, nh, 1, hs) at `pos`; return the whole cache of `layer`.
+
+        Positions past `pos` hold stale or zero values: read them under the mask `visible(pos)`.
+        """
+        index = self._index[pos]
+        return self.k[layer].index_copy_(2, index, k), self.v[layer].index_copy_(2, index, v)
+
+    def visible(self, pos: int) -> torch.Tensor:
+        """Attention mask (1, 1, 1, max_len) for a query at `pos`: True at positions 0..pos."""
+        return self._visible[pos]
 
 
 # ---- sampling: pure functions over logits (B, V) ----
