@@ -11,7 +11,7 @@ export GPTLAB_DATA_MIRROR := $(abspath ../shared/data)
 endif
 endif
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install browser demo test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -28,13 +28,24 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[all]"
 	@touch $@
 
+# The browser test drives the system Chromium through Playwright (whose own download needs the
+# internet): installed with apt when missing and we are root; otherwise say how, and go on.
+browser:
+	@[ -n "$$GPTLAB_CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium) || \
+		echo "could not install chromium; the browser test will fail until it is there"; \
+	else \
+		echo "no chromium: the browser test will fail; install it with 'sudo apt-get install chromium' (or set GPTLAB_CHROMIUM)"; \
+	fi
+
 demo: install
 	$(VENV)/bin/gptlab train $(DATA) --tokenizer char --preset cpu-tiny --out runs/demo --overwrite
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: install browser
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install

@@ -18,6 +18,8 @@ Design choices:
   is held back until the next token settles it.
 - Settings are the fields of `SampleConfig` (validated there, with the flag names the CLI uses),
   given as keywords or as a config.
+- `events` also says why each sample ended, as OpenAI's finish_reason does: "stop" for a stop
+  string or end-of-text, "length" for max_new_tokens; `pieces`, `generate` and `stream` are built on it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import codecs
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -74,9 +76,12 @@ class SampleText:
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.pending = ""  # decoded, not yet shown: it could be the start of a stop string
         self.done = False
+        self.tokens = 0  # tokens pushed, the one that completed a stop string included
+        self.stopped = False  # ended by a stop string
 
     def push(self, token: int) -> str:
         """Add one token; return the text that is now settled (possibly empty)."""
+        self.tokens += 1
         return self._settle(self.utf8.decode(self.token_bytes(token)), final=False)
 
     def finish(self) -> str:
@@ -90,7 +95,7 @@ class SampleText:
         # Shown text never ends in the start of a stop string, so any match lies within `text`.
         cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         if cuts:
-            self.done, self.pending = True, ""
+            self.done, self.stopped, self.pending = True, True, ""
             return text[: min(cuts)]
         if final:
             self.done, self.pending = True, ""
@@ -133,8 +138,9 @@ class TextModel:
             raise GptlabError(f"the prompt must be text, got {type(prompt).__name__}")
         return self.tokenizer.encode(prompt) if prompt else start_ids(self.tokenizer)
 
-    def pieces(self, prompt: str = "", config: SampleConfig | None = None, **settings: Any) -> Iterator[tuple[int, str]]:
-        """(sample index, text piece) as the samples are made; each sample's pieces join to its text."""
+    def events(self, prompt: str = "", config: SampleConfig | None = None,
+               **settings: Any) -> Iterator[tuple[int, str, Finish | None]]:
+        """(sample index, text piece, None) as the samples are made, then one (index, last piece, Finish) per sample."""
         config = _config(config, settings)
         ids = self.encode_prompt(prompt)
         samples = [SampleText(self.token_bytes, config.stop) for _ in range(config.num_samples)]
@@ -145,13 +151,20 @@ class TextModel:
                 if sample.done:
                     continue
                 piece = sample.finish() if token is None else sample.push(token)
-                if piece:
-                    yield row, piece
-                live -= sample.done
+                if sample.done:
+                    live -= 1
+                    yield row, piece, _finish(sample, config)
+                elif piece:
+                    yield row, piece, None
             if live == 0:
                 return
         for row, sample in enumerate(samples):
-            piece = sample.finish()
+            if not sample.done:
+                yield row, sample.finish(), _finish(sample, config)
+
+    def pieces(self, prompt: str = "", config: SampleConfig | None = None, **settings: Any) -> Iterator[tuple[int, str]]:
+        """(sample index, text piece) as the samples are made; each sample's pieces join to its text."""
+        for row, piece, _ in self.events(prompt, _config(config, settings)):
             if piece:
                 yield row, piece
 
@@ -193,6 +206,19 @@ class TextModel:
                 "run gptlab from the folder you trained in (`gptlab eval --data FILE` scores other text)"
             )
         return path
+
+
+class Finish(NamedTuple):
+    """How a sample ended: "stop" (a stop string or end-of-text) or "length" (max_new_tokens), and its token count."""
+
+    reason: str
+    tokens: int
+
+
+def _finish(sample: SampleText, config: SampleConfig) -> Finish:
+    # The engine drops the end-of-text token, so a sample short of max_new_tokens ended on one.
+    length = not sample.stopped and sample.tokens >= config.max_new_tokens
+    return Finish("length" if length else "stop", sample.tokens)
 
 
 def _config(config: SampleConfig | None, settings: dict[str, Any]) -> SampleConfig:

@@ -1,0 +1,221 @@
+"""One FastAPI app for everything: the OpenAI-compatible API under /v1, /health, and the Gradio page at /.
+
+Design choices:
+- The page is mounted last, at /, so every route of the API is matched before it.
+- `--api-key` guards /v1 with `Authorization: Bearer KEY` (checked before the body is read), and the
+  page with a login form that takes the same key as its password. /health stays open for probes.
+- FastAPI's own /docs and /redoc are off: they load their scripts from a CDN. /openapi.json stays.
+- The run folders are checked, then the socket is bound, then the weights load: a port in use is
+  reported before a large model spends time loading. Port 0 picks a free port (the banner shows which).
+- Uvicorn logs only warnings; the banner says where everything is. Shutdown stops every generation
+  at its next token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.util
+import secrets
+import socket
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gptlab.errors import GptlabError
+from gptlab.serve.limits import Limits
+
+if TYPE_CHECKING:
+    from gptlab.serve.models import ServedModel
+
+NEEDED = ("fastapi", "uvicorn", "gradio")
+
+
+class ApiGuard:
+    """ASGI middleware for /v1: the API key, and a ceiling on the body size, before anything is read."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body: int) -> None:
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            error = self.check(dict(scope["headers"]))
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def check(self, headers: dict[bytes, bytes]) -> Any:
+        """An ApiError for a missing or wrong key or an oversized body, else None."""
+        from gptlab.serve.openai_api import ApiError
+
+        if self.api_key is not None:
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, key = auth.partition(" ")
+            if not auth:
+                return ApiError(401, "missing API key: this server was started with --api-key; send the header "
+                                     "Authorization: Bearer KEY (api_key=KEY in the openai client)", code="invalid_api_key")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), self.api_key.encode()):
+                return ApiError(401, "wrong API key: send the key given to gptlab serve --api-key as "
+                                     "Authorization: Bearer KEY", code="invalid_api_key")
+        length = headers.get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_body:
+            return ApiError(413, f"the request body is {int(length):,} bytes; this server reads at most "
+                                 f"{self.max_body:,} (raise --max-prompt-chars for longer prompts)", code="body_too_large")
+        return None
+
+
+def build_app(models: Sequence[ServedModel], limits: Limits | None = None, api_key: str | None = None,
+              page: bool = True, api_help: str | None = None) -> Any:
+    """The FastAPI app: /v1 (OpenAI-compatible), /health and, unless page=False, the Gradio page at /."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+
+    from gptlab.serve.openai_api import ApiError, build_router, validation_error_response
+
+    limits = limits or Limits()
+    by_name = {m.name: m for m in models}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        for m in models:
+            m.queue.shutdown()
+
+    app = FastAPI(title="gptlab", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.add_middleware(ApiGuard, api_key=api_key, max_body=6 * limits.max_prompt_chars * limits.max_n + 65536)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Any:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Any:
+        return validation_error_response(exc)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Up, and what each model is doing."""
+        return {"status": "ok", "models": {name: m.queue.stats() for name, m in by_name.items()}}
+
+    app.include_router(build_router(by_name, limits))
+    if page:
+        import gradio as gr
+
+        from gptlab.serve.page import build_page
+
+        blocks = build_page(models, limits, api_help=api_help)
+        auth = None
+        if api_key is not None:
+            def auth(user: str, password: str) -> bool:
+                return secrets.compare_digest(password.encode(), api_key.encode())
+        gr.mount_gradio_app(
+            app, blocks, path="/", footer_links=["api", "settings"], run_history=False, ssr_mode=False,
+            mcp_server=False, auth=auth, auth_message="Enter the server's API key as the password (any user name).",
+        )
+    return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a GptlabError saying why not."""
+    if not 0 <= port <= 65535:
+        raise GptlabError(f"--port must be from 1 to 65535 (0 = any free port), got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise GptlabError(f"--host {host}: not an address or a known host name ({e}); "
+                          "use 127.0.0.1 (this machine) or 0.0.0.0 (every interface)") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise GptlabError(f"port {port} on {host} is in use (another server?); pick another with --port") from None
+        if e.errno == errno.EACCES:
+            raise GptlabError(f"port {port} needs administrator rights; use a port from 1024 up, e.g. --port 8000") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise GptlabError(f"--host {host} is not an address of this machine; use 127.0.0.1 or 0.0.0.0") from None
+        raise GptlabError(f"cannot listen on {host}:{port} ({e.strerror}); try another --host or --port") from None
+    sock.setblocking(False)
+    return sock
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL to open on this machine for a server bound to host:port."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def client_snippet(url: str, model: str, api_key: str | None) -> str:
+    """The openai client code for this server."""
+    key = '"<your --api-key>"' if api_key is not None else '"none"'
+    return "\n".join([
+        "from openai import OpenAI",
+        f'client = OpenAI(base_url="{url}/v1", api_key={key})',
+        f'reply = client.completions.create(model="{model}", prompt="ROMEO:", max_tokens=100, temperature=0.8)',
+        "print(reply.choices[0].text)",
+    ])
+
+
+def banner(models: Sequence[ServedModel], runs: Sequence[str | Path], url: str, host: str, limits: Limits,
+           api_key: str | None) -> str:
+    """What `gptlab serve` prints once it is listening."""
+    names = ", ".join(f"{m.name} ({r})" for m, r in zip(models, runs))
+    everywhere = " (listening on every interface)" if host in ("", "0.0.0.0", "::") else ""
+    lines = [
+        f"gptlab serve: {names} at {url}{everywhere}",
+        f"  page    {url}/",
+        f"  API     {url}/v1  (GET /v1/models, POST /v1/completions, POST /v1/chat/completions)",
+        f"  health  {url}/health",
+        f"  limits  max_tokens <= {limits.max_new_tokens_limit:,}, n <= {limits.max_n}, prompts <= "
+        f"{limits.max_prompt_chars:,} characters; per model {limits.concurrency} generating, "
+        f"{limits.queue_size} waiting, then 429",
+    ]
+    if api_key is not None:
+        lines.append("  key     /v1 needs Authorization: Bearer <your --api-key>; the page asks for it as a password")
+    lines += ["", "From Python (pip install openai):", "", client_snippet(url, models[0].name, api_key), "",
+              "Ctrl-C stops the server."]
+    return "\n".join(lines)
+
+
+def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          limits: Limits | None = None, checkpoint: str = "best", device: str = "auto") -> None:
+    """Load `runs` and serve the page and the API until Ctrl-C."""
+    missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+    if missing:
+        raise GptlabError(f"gptlab serve needs {', '.join(missing)}: pip install 'gptlab[serve]'")
+    if api_key is not None and not api_key.strip():
+        raise GptlabError("--api-key is empty; give a key, or leave the flag out for an open server")
+    limits = limits or Limits()
+    from gptlab.serve.models import check_runs, load_models
+
+    check_runs(runs)
+    sock = bind(host, port)  # before the weights load: a port in use is reported at once
+    try:
+        port = sock.getsockname()[1]
+        models = load_models(runs, limits, checkpoint, device)
+        url = local_url(host, port)
+        app = build_app(models, limits, api_key, api_help=_api_help(url, models[0].name, api_key))
+
+        import uvicorn
+
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                               timeout_graceful_shutdown=5, lifespan="on"))
+        print(banner(models, runs, url, host, limits, api_key), flush=True)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        sys.stdout.flush()
+
+
+def _api_help(url: str, model: str, api_key: str | None) -> str:
+    return f"#### The same model over HTTP\nOpenAI-compatible API at `{url}/v1`:\n```python\n" \
+           f"{client_snippet(url, model, api_key)}\n```"

@@ -1,0 +1,111 @@
+"""The runs a server holds: each loaded once, with its name, its model card and its generation queue."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptlab.config import SampleConfig
+from gptlab.errors import GptlabError
+from gptlab.generation import Finish, TextModel
+from gptlab.serve.limits import GenerationQueue, Limits
+
+
+@dataclass
+class ServedModel:
+    """One loaded run, shared by the page and the API."""
+
+    name: str
+    model: TextModel
+    queue: GenerationQueue
+    summary: dict[str, Any] = field(default_factory=dict)
+    created: int = 0
+
+    @property
+    def loss_plot(self) -> Path | None:
+        """The run's loss.png, when it has one."""
+        from gptlab.checkpoint import LOSS_PLOT
+
+        run_dir = self.model.run_dir
+        path = run_dir / LOSS_PLOT if run_dir is not None else None
+        return path if path is not None and path.is_file() else None
+
+    def card(self) -> str:
+        """A short Markdown description: size, tokenizer, best val loss, training time."""
+        s = self.summary
+        if not s:
+            c = self.model.config
+            return f"**{self.name}**: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context {c.block_size}"
+        m = s["model"]
+        best = f"{s['best_val_loss']:.4f}" if s.get("best_val_loss") is not None else "n/a"
+        return "\n".join([
+            f"### {self.name}",
+            f"- **size**: {s['params']:,} parameters: {m['n_layer']} layers, {m['n_head']} heads, {m['n_embd']} wide",
+            f"- **context**: {m['block_size']:,} tokens",
+            f"- **tokenizer**: {s['tokenizer'].get('type', '?')}, vocabulary {m['vocab_size']:,}",
+            f"- **best val loss**: {best}",
+            f"- **training**: {s['steps']:,} steps, {s['tokens_seen']:,} tokens seen, {_duration(s['elapsed_sec'])}",
+            f"- **run folder**: `{s['run']}`",
+        ])
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """How many tokens `prompt` is (the start token for an empty one); a GptlabError when it cannot be encoded."""
+        return len(self.model.encode_prompt(prompt))
+
+    def work(self, prompts: Sequence[str], config: SampleConfig) -> Iterator[tuple[int, str, Finish | None]]:
+        """(choice index, piece, finish) for every prompt in turn, `config.num_samples` choices each."""
+        for number, prompt in enumerate(prompts):
+            for row, piece, finish in self.model.events(prompt, config):
+                yield number * config.num_samples + row, piece, finish
+
+
+def model_names(runs: Sequence[str | Path]) -> list[str]:
+    """A short name per run: its folder name, or the path as given when two folders share a name."""
+    paths = [Path(r) for r in runs]
+    names = [p.resolve().name for p in paths]
+    return [n if names.count(n) == 1 else p.as_posix().rstrip("/") for n, p in zip(names, paths)]
+
+
+def check_runs(runs: Sequence[str | Path]) -> list[str]:
+    """Each run's name, after checking every folder is a run (before any weights load)."""
+    from gptlab.checkpoint import read_run_config
+
+    if not runs:
+        raise GptlabError("give at least one run folder to serve (gptlab serve runs/NAME)")
+    for run in runs:
+        read_run_config(run)
+    names = model_names(runs)
+    if len(set(names)) != len(names):
+        raise GptlabError("the same run folder is given twice; give each run once")
+    return names
+
+
+def load_models(runs: Sequence[str | Path], limits: Limits, checkpoint: str = "best",
+                device: str = "auto") -> list[ServedModel]:
+    """Load every run once, each with its own generation queue."""
+    from gptlab.generation import load
+    from gptlab.train import run_summary
+
+    names = check_runs(runs)
+    threads = limits.threads_per_generation(len(runs))
+    served = []
+    for name, run in zip(names, runs):
+        tm = load(run, checkpoint, device)
+        config_path = Path(run) / "config.json"
+        served.append(ServedModel(
+            name=name, model=tm, summary=run_summary(run), created=int(config_path.stat().st_mtime),
+            queue=GenerationQueue(limits.concurrency, limits.queue_size, threads, name),
+        ))
+    return served
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,168 @@
+"""The Gradio page: a prompt, the sampling settings, text that streams in, and each model's card.
+
+Design choices:
+- `build_page` needs only loaded models, so the same Blocks serve under `gptlab serve` (mounted
+  beside the API, sharing its models and queues) or alone, e.g. as a Hugging Face Space
+  (`build_page(load_models(["runs/x"], Limits())).launch()`).
+- Generation goes through the model's `GenerationQueue`, as the API's does: one ceiling for both.
+  Gradio's own per-event limit is off (concurrency_limit=None) so it does not queue in front of it.
+- Several samples stream side by side into one box, each shown with its prompt and separated by an
+  "=== Next Sequence ===" line. Updates are sent at most every 50 ms.
+- Stop cancels the Gradio event; the handler's `finally` cancels the job, which ends at its next token.
+- Analytics are off before Gradio is imported, and the default theme's fonts are served locally, so
+  the page makes no request beyond the server it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from gptlab.config import SampleConfig
+from gptlab.errors import GptlabError
+from gptlab.generation import unescape
+from gptlab.serve.limits import Busy, Limits
+from gptlab.serve.models import ServedModel
+
+SEPARATOR = "\n\n=== Next Sequence ===\n\n"
+UPDATE_EVERY = 0.05  # seconds between updates of the streamed text
+EXAMPLES = ("ROMEO:", "JULIET:\nO Romeo, Romeo!", "Once upon a time", "The meaning of life is")
+
+# SampleConfig's messages name CLI flags; the page shows labels.
+LABELS = {
+    "--max-new-tokens": "Max new tokens", "--num-samples": "Samples", "--temperature": "Temperature",
+    "--top-k": "Top-k", "--top-p": "Top-p", "--repetition-penalty": "Repetition penalty", "--seed": "Seed",
+    "--stop": "Stop strings",
+}
+
+
+def _gradio() -> Any:
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import gradio as gr
+
+    return gr
+
+
+def page_config(prompt: str, max_new_tokens: float, num_samples: float, temperature: float, top_k: float | None,
+                top_p: float, repetition_penalty: float, stop: str, seed: float | None,
+                limits: Limits) -> SampleConfig:
+    """The SampleConfig the page's controls describe (top-k 0 = off, seed -1 = random, stop strings one per line)."""
+    def whole(value: float | None) -> int | None:
+        return int(value) if value is not None and float(value).is_integer() else value  # type: ignore[return-value]
+
+    if len(prompt) > limits.max_prompt_chars:
+        raise GptlabError(f"the prompt is {len(prompt):,} characters; this server takes at most "
+                          f"{limits.max_prompt_chars:,}")
+    n = whole(num_samples)
+    if isinstance(n, int) and n > limits.max_n:
+        raise GptlabError(f"Samples must be at most {limits.max_n}, got {n}")
+    try:
+        return SampleConfig(
+            max_new_tokens=whole(max_new_tokens), num_samples=n, temperature=float(temperature),
+            top_k=whole(top_k) or None, top_p=float(top_p), repetition_penalty=float(repetition_penalty),
+            seed=None if seed is None or seed == -1 else whole(seed),
+            stop=tuple(unescape(s) for s in (stop or "").splitlines() if s),
+            max_new_tokens_limit=limits.max_new_tokens_limit,
+        )
+    except GptlabError as e:
+        message = str(e)
+        for flag, label in LABELS.items():
+            if message.startswith(flag + " "):
+                message = label + message[len(flag):]
+                break
+        raise GptlabError(message) from None
+
+
+def build_page(models: Sequence[ServedModel], limits: Limits | None = None, title: str = "gptlab",
+               api_help: str | None = None) -> Any:
+    """A Gradio Blocks page for `models` (launch it, or mount it with `gr.mount_gradio_app`)."""
+    gr = _gradio()
+    limits = limits or Limits()
+    if not models:
+        raise GptlabError("give at least one model to show on the page")
+    by_name = {m.name: m for m in models}
+    first = models[0]
+    examples = [p for p in EXAMPLES if _encodes(first, p)]
+
+    async def generate(name: str, prompt: str, max_new_tokens: float, num_samples: float, temperature: float,
+                       top_k: float | None, top_p: float, repetition_penalty: float, stop: str,
+                       seed: float | None) -> AsyncIterator[str]:
+        served = by_name.get(name) or first
+        prompt = prompt or ""
+        try:
+            config = page_config(prompt, max_new_tokens, num_samples, temperature, top_k, top_p,
+                                 repetition_penalty, stop, seed, limits)
+            served.prompt_tokens(prompt)
+            job = served.queue.submit(lambda: served.work([prompt], config))
+        except GptlabError as e:
+            raise gr.Error(str(e)) from None
+        except Busy as e:
+            raise gr.Error(f"{e} (in about {e.retry_after} s)") from None
+        texts = [""] * config.num_samples
+        shown = 0.0
+        try:
+            async for index, piece, _ in job:
+                texts[index] += piece
+                now = time.monotonic()
+                if now - shown >= UPDATE_EVERY:
+                    shown = now
+                    yield SEPARATOR.join(prompt + t for t in texts)
+            yield SEPARATOR.join(prompt + t for t in texts)
+        except GptlabError as e:
+            raise gr.Error(str(e)) from None
+        finally:
+            job.cancel()
+
+    def describe(name: str) -> tuple[str, str | None]:
+        served = by_name.get(name) or first
+        plot = served.loss_plot
+        return served.card(), str(plot) if plot else None
+
+    with gr.Blocks(title=f"{title}: {', '.join(by_name)}", analytics_enabled=False) as page:
+        gr.Markdown(f"## {title}: sample a GPT you trained")
+        model = gr.Dropdown(list(by_name), value=first.name, label="Model", visible=len(models) > 1)
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column(scale=3):
+                    prompt = gr.Textbox(label="Prompt", lines=4, placeholder="Leave empty to start from nothing",
+                                        elem_id="prompt")
+                    with gr.Row():
+                        run = gr.Button("Generate", variant="primary", elem_id="generate")
+                        stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                    output = gr.Textbox(label="Generated text", lines=16, max_lines=40, buttons=["copy"],
+                                        interactive=False, elem_id="output")
+                with gr.Column(scale=2):
+                    max_new_tokens = gr.Slider(1, limits.max_new_tokens_limit, step=1,
+                                               value=min(200, limits.max_new_tokens_limit), label="Max new tokens")
+                    num_samples = gr.Slider(1, limits.max_n, step=1, value=1, label="Samples")
+                    temperature = gr.Slider(0, 2, step=0.05, value=0.8, label="Temperature", info="0 = greedy")
+                    top_k = gr.Number(value=0, precision=0, minimum=0, label="Top-k", info="0 = off")
+                    top_p = gr.Slider(0.01, 1, step=0.01, value=1.0, label="Top-p", info="1 = off")
+                    repetition_penalty = gr.Slider(0.5, 2, step=0.05, value=1.0, label="Repetition penalty",
+                                                   info="1 = off")
+                    stop = gr.Textbox(label="Stop strings", lines=2, placeholder="one per line; \\n means a newline")
+                    seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed", info="-1 = random")
+            if examples:
+                gr.Examples([[e] for e in examples], inputs=[prompt], label="Example prompts")
+        with gr.Tab("Model"):
+            card_text, plot_path = describe(first.name)
+            card = gr.Markdown(card_text)
+            plot = gr.Image(plot_path, type="filepath", label="Training and validation loss", interactive=False,
+                            buttons=["download", "fullscreen"])
+            if api_help:
+                gr.Markdown(api_help)
+        inputs = [model, prompt, max_new_tokens, num_samples, temperature, top_k, top_p, repetition_penalty, stop, seed]
+        event = run.click(generate, inputs, output, api_name="generate", concurrency_limit=None)
+        stop_button.click(None, None, None, cancels=[event])
+        model.change(describe, model, [card, plot], api_visibility="private")
+    return page
+
+
+def _encodes(served: ServedModel, prompt: str) -> bool:
+    try:
+        served.prompt_tokens(prompt)
+        return True
+    except GptlabError:
+        return False
