@@ -6,8 +6,11 @@ Design choices:
 - The train/val split is by position: the last `val_fraction` of the bytes (cut at a character
   boundary) is validation, so no validation text leaks into training. With several files the cut
   falls in whichever file holds that byte.
-- Text is streamed in chunks cut at line ends, so preparing a 1 GB file never holds 1 GB of text;
-  tokens are appended to `train.bin` / `val.bin` (uint16 when the vocabulary fits, else uint32).
+- Text is never held whole: it is cut into tasks of ~4 MB at places no token crosses (see
+  `safe_cut`), so the pieces tokenize exactly as the whole text would. Worker processes tokenize
+  the tasks, at most two each in flight, and the tokens are appended in order to `train.bin` /
+  `val.bin` (uint16 when the vocabulary fits, else uint32): memory stays bounded whatever the size.
+- torch is imported only where batches are made, so the worker processes start without it.
 - Files are separated by the end-of-text token when the tokenizer has one.
 - Batches come from `RandomBatches` (random windows, as nanoGPT) or `SlidingBatches` (every window
   at a stride, shuffled once per epoch, as LLMs-from-scratch's GPTDatasetV1). Both keep their
@@ -17,23 +20,34 @@ Design choices:
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import os
+import re
+import signal
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import torch
 
 from gptlab.errors import GptlabError
 from gptlab.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer, parse_spec
 
-CHUNK_BYTES = 4 << 20
+if TYPE_CHECKING:
+    import torch
+
+CHUNK_BYTES = 4 << 20  # text read per block, and per task of a worker process
+SCAN_BYTES = 64 << 10  # looked at a time when searching for a safe cut
+# Below these sizes, starting worker processes (~0.5 s each, twice for char) costs more than it
+# saves: char tokenizes at ~70 MB/s on one core, the BPE kinds at 1-8 MB/s.
+PARALLEL_BYTES = {"char": 256 << 20, "gpt2": 16 << 20, "bpe": 16 << 20}
 META = "meta.json"
 
 NAMED_DATASETS: dict[str, dict[str, Any]] = {
@@ -154,29 +168,6 @@ def _char_boundary(path: Path, cut: int) -> int:
     return cut + len(tail)
 
 
-def iter_text(path: Path, start: int, end: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
-    """Text of bytes [start, end) of `path` in chunks that end at a line end where possible."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    carry = ""
-    with open(path, "rb") as f:
-        f.seek(start)
-        remaining = end - start
-        while remaining > 0:
-            block = f.read(min(chunk_bytes, remaining))
-            if not block:
-                break
-            remaining -= len(block)
-            text = carry + decoder.decode(block, final=remaining == 0)
-            cut = text.rfind("\n") + 1
-            if cut == 0 or remaining == 0:
-                cut = len(text)
-            carry = text[cut:]
-            if cut:
-                yield text[:cut]
-    if carry:
-        yield carry
-
-
 @dataclass
 class Segment:
     """A byte range of one source file that belongs to one split."""
@@ -221,67 +212,234 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def _encode_chunk(tokenizer: Tokenizer, text: str) -> np.ndarray:
-    if isinstance(tokenizer, CharTokenizer):
-        # Vectorised lookup: code points -> sorted vocabulary index (10x faster than a dict per char).
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        return np.searchsorted(tokenizer.codepoints, codes)
-    if isinstance(tokenizer, (GPT2Tokenizer, BPETokenizer)):
-        pieces = _split_pieces(text, 1 << 16)
-        return np.fromiter((i for ids in tokenizer.encode_batch(pieces) for i in ids), dtype=np.int64)
-    return np.asarray(tokenizer.encode(text), dtype=np.int64)
+# --------------------------------------------------------------------------------------------------
+# Cutting text where no token crosses, and tokenizing the pieces in worker processes
+
+Piece = tuple[str, int, int, bool]  # path, start byte, end byte, whether it ends a file (not the split's last)
+Task = list[Piece]  # about CHUNK_BYTES of text, the unit of work of one worker process
+_CUT_AT = re.compile(rb"[\n ]")
+_CUT_IN_TEXT = re.compile(r"(?<=\S)[\n ]")  # the same places in decoded text (re's \s is str.isspace)
 
 
-def _split_pieces(text: str, size: int) -> list[str]:
-    """Cut text into pieces of about `size` characters at line ends, for batch encoding."""
-    pieces, start = [], 0
-    while start < len(text):
-        end = min(len(text), start + size)
-        if end < len(text):
-            nl = text.rfind("\n", start, end)
-            end = nl + 1 if nl > start else end
-        pieces.append(text[start:end])
-        start = end
-    return pieces
-
-
-def _write_tokens(
-    tokenizer: Tokenizer, segments: list[Segment], path: Path, dtype: np.dtype, progress: Any = None
-) -> int:
-    tmp = path.with_name(path.name + ".tmp")
-    count = 0
+def _ends_in_space(before: bytes) -> bool:
+    """Whether the last character of `before` (its last 4 bytes or fewer) is whitespace or unreadable."""
+    i = len(before) - 1
+    while i > 0 and before[i] & 0xC0 == 0x80:
+        i -= 1
     try:
-        with open(tmp, "wb") as f:
-            for n, seg in enumerate(segments):
-                for chunk in iter_text(seg.path, seg.start, seg.end):
-                    ids = _encode_chunk(tokenizer, chunk).astype(dtype)
-                    f.write(ids.tobytes())
-                    count += len(ids)
-                    if progress is not None:
-                        progress(len(chunk.encode("utf-8")))
-                if tokenizer.eot_id is not None and n < len(segments) - 1 and seg.end == seg.path.stat().st_size:
-                    f.write(np.array([tokenizer.eot_id], dtype=dtype).tobytes())
-                    count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise GptlabError(f"could not write {path} ({e.strerror or e}); free disk space or choose another --out") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return count
+        return before[i:].decode("utf-8").isspace()  # Python's whitespace includes the regexes' \s
+    except UnicodeDecodeError:
+        return True
 
 
-def build_tokenizer(spec: str, train_segments: list[Segment], all_segments: list[Segment]) -> Tokenizer:
+def safe_cut(f: BinaryIO, at: int, end: int, patience: int = CHUNK_BYTES) -> int:
+    """The first offset from `at` on where cutting the text changes no token.
+
+    That is a newline or space right after a non-whitespace character. No pre-token of the GPT-2
+    regex (tiktoken's or Hugging Face's byte-level one) spans such a place: a pre-token holding a
+    non-space character never runs on into whitespace, and the regexes look ahead only across
+    whitespace and never behind. So both sides tokenize exactly as they would inside the whole
+    text; char tokens never depend on cuts at all. Text without such a place for `patience` bytes
+    (no space or newline at all) is cut at the next character start instead, the one kind of cut
+    where BPE tokens may differ from the uncut text's.
+    """
+    pos, stop = at, min(end, at + patience)
+    while pos < stop:
+        base = max(0, pos - 4)
+        f.seek(base)
+        window = f.read(min(end, pos + SCAN_BYTES) - base)
+        for m in _CUT_AT.finditer(window, pos - base):
+            if m.start() > 0 and not _ends_in_space(window[max(0, m.start() - 4) : m.start()]):
+                return base + m.start()
+        pos = base + len(window)
+    f.seek(stop)
+    for i, byte in enumerate(f.read(4)):
+        if byte & 0xC0 != 0x80:
+            return min(end, stop + i)
+    return end
+
+
+def split_text(text: str, size: int = 1 << 16) -> Iterator[str]:
+    """`text` in parts of about `size` characters, cut where `safe_cut` would cut (so tokens stay the same).
+
+    BPE encoders hold ~100 bytes per token of bookkeeping while they work (Hugging Face's Encoding),
+    and the BPE trainer buffers 256 texts at a time: parts this small keep both to megabytes.
+    """
+    start = 0
+    while len(text) - start > size:
+        m = _CUT_IN_TEXT.search(text, start + size)
+        if m is None:
+            break
+        yield text[start : m.start()]
+        start = m.start()
+    yield text[start:]
+
+
+def plan_tasks(segments: list[Segment], chunk_bytes: int) -> list[Task]:
+    """A split's text as tasks of about `chunk_bytes`: pieces cut by `safe_cut`, small files grouped."""
+    tasks: list[Task] = []
+    current: Task = []
+    size = 0
+    for n, seg in enumerate(segments):
+        ends_file = n < len(segments) - 1 and seg.end == seg.path.stat().st_size
+        with open(seg.path, "rb") as f:
+            start = seg.start
+            while start < seg.end:
+                room = chunk_bytes - size
+                end = seg.end if seg.end - start <= room else safe_cut(f, start + room, seg.end, chunk_bytes)
+                current.append((str(seg.path), start, end, ends_file and end == seg.end))
+                size += end - start
+                start = end
+                if size >= chunk_bytes:
+                    tasks.append(current)
+                    current, size = [], 0
+    if current:
+        tasks.append(current)
+    return tasks
+
+
+def _task_bytes(task: Task) -> int:
+    return sum(end - start for _, start, end, _ in task)
+
+
+def read_piece(piece: Piece) -> str:
+    """The text of one piece (its ends are character boundaries)."""
+    path, start, end, _ = piece
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start).decode("utf-8")
+
+
+def _code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+_worker: dict[str, Any] = {}  # what a worker process keeps between tasks
+
+
+def _start_worker(tokenizer: Tokenizer | None, dtype: str | None, child: bool = True) -> None:
+    """Set up a worker: its tokenizer (a code point -> id table for char) and Ctrl-C left to the parent."""
+    if child:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker.clear()
+    _worker.update(tokenizer=tokenizer, dtype=dtype)
+    if isinstance(tokenizer, CharTokenizer):
+        # A dense table beats a dict per character ~100x and np.searchsorted ~10x.
+        table = np.zeros(int(tokenizer.codepoints.max()) + 1, dtype=np.uint32)
+        table[tokenizer.codepoints] = np.arange(len(tokenizer.codepoints), dtype=np.uint32)
+        _worker["table"] = table
+
+
+def _chars_in(task: Task) -> tuple[np.ndarray, int]:
+    """The distinct code points of a task's text, and its size in bytes."""
+    seen = [np.flatnonzero(np.bincount(_code_points(read_piece(piece)))) for piece in task]
+    return np.unique(np.concatenate(seen)), _task_bytes(task)
+
+
+def _tokens_of(task: Task) -> tuple[np.ndarray, int]:
+    """A task's token ids (with end-of-text, if the tokenizer has it, between files), and its size in bytes."""
+    tokenizer, dtype = _worker["tokenizer"], _worker["dtype"]
+    parts = []
+    for piece in task:
+        text = read_piece(piece)
+        if "table" in _worker:
+            parts.append(_worker["table"][_code_points(text)].astype(dtype))
+        else:
+            parts.extend(np.asarray(tokenizer.encode(part), dtype=dtype) for part in split_text(text))
+        if piece[3] and tokenizer.eot_id is not None:
+            parts.append(np.array([tokenizer.eot_id], dtype=dtype))
+    return np.concatenate(parts), _task_bytes(task)
+
+
+def default_workers() -> int:
+    """Worker processes for prepare: the CPU cores this process may use, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def _in_order(fn: Any, tasks: list[Task], workers: int, tokenizer: Tokenizer | None = None,
+              dtype: str | None = None) -> Iterator[Any]:
+    """fn(task) for every task, in order, from `workers` processes (or this one when it is 1).
+
+    At most two tasks per worker are in flight, so memory stays bounded however many tasks there
+    are. Workers are spawned, not forked: the parent may hold torch or tokenizer threads.
+    """
+    if workers <= 1:
+        _start_worker(tokenizer, dtype, child=False)
+        yield from map(fn, tasks)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker, initargs=(tokenizer, dtype))
+    pending: deque = deque()
+    try:
+        for task in tasks:
+            pending.append(pool.submit(fn, task))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_splits(tokenizer: Tokenizer, dtype: np.dtype, tasks: dict[str, list[Task]], out: Path, workers: int,
+                  progress: Any) -> dict[str, int]:
+    """Tokenize each split's tasks into out/<split>.bin (written to a temporary name, then renamed)."""
+    counts: dict[str, int] = {}
+    everything = [task for split_tasks in tasks.values() for task in split_tasks]
+    with contextlib.closing(_in_order(_tokens_of, everything, workers, tokenizer, dtype.name)) as results:
+        for split, split_tasks in tasks.items():
+            path = out / f"{split}.bin"
+            tmp = path.with_name(path.name + ".tmp")
+            counts[split] = 0
+            try:
+                with open(tmp, "wb") as f:
+                    for _ in split_tasks:
+                        ids, size = next(results)
+                        f.write(ids.tobytes())
+                        counts[split] += len(ids)
+                        progress(size)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise GptlabError(f"could not write {path} ({e.strerror or e}); free disk space or choose another --out") from None
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+    return counts
+
+
+def build_tokenizer(spec: str, train_tasks: list[Task], all_tasks: list[Task], workers: int = 1,
+                    progress: Any = None) -> Tokenizer:
     """Make the tokenizer a --tokenizer spec asks for, learning from the text where it must."""
     kind, n = parse_spec(spec)
     if kind == "gpt2":
         return GPT2Tokenizer.build()
     if kind == "char":
-        return CharTokenizer.from_texts(chunk for s in all_segments for chunk in iter_text(s.path, s.start, s.end))
-    return BPETokenizer.train((c for s in train_segments for c in iter_text(s.path, s.start, s.end)), n)
+        seen = []
+        with contextlib.closing(_in_order(_chars_in, all_tasks, workers)) as results:
+            for chars, size in results:
+                seen.append(chars)
+                if progress is not None:
+                    progress(size)
+        return CharTokenizer(chr(c) for c in np.unique(np.concatenate(seen)))
+
+    def train_text() -> Iterator[str]:
+        for task in train_tasks:
+            for piece in task:
+                yield from split_text(read_piece(piece))
+                if progress is not None:
+                    progress(piece[2] - piece[1])
+
+    return BPETokenizer.train(train_text(), n)
 
 
 def default_data_dir(name: str, spec: str) -> Path:
@@ -295,11 +453,17 @@ def prepare(
     out: str | Path | None = None,
     val_fraction: float = 0.1,
     log: Any = print,
+    workers: int = 0,
 ) -> Path:
-    """Tokenize text into `out` (train.bin, val.bin, meta.json, tokenizer files); returns `out`."""
+    """Tokenize text into `out` (train.bin, val.bin, meta.json, tokenizer files); returns `out`.
+
+    `workers` processes tokenize (0: one per core up to 8 for inputs over PARALLEL_BYTES, else this one).
+    """
     parse_spec(tokenizer)
     if not 0.0 < val_fraction < 1.0:
         raise GptlabError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    if workers < 0:
+        raise GptlabError(f"--workers must be zero (automatic) or positive, got {workers}")
     name, files = resolve_inputs(inputs)
     for path in files:
         check_text_file(path)
@@ -311,17 +475,18 @@ def prepare(
         raise GptlabError("the text is too short to split into train and val; give more text")
     out.mkdir(parents=True, exist_ok=True)
     total_bytes = sum(p.stat().st_size for p in files)
+    workers = workers or (default_workers() if total_bytes > PARALLEL_BYTES[parse_spec(tokenizer)[0]] else 1)
     t0 = time.time()
-    log(f"preparing {total_bytes:,} bytes from {len(files)} file(s) with the {tokenizer} tokenizer -> {out}")
-    tok = build_tokenizer(tokenizer, train_segs, train_segs + val_segs)
+    log(f"preparing {total_bytes:,} bytes from {len(files)} file(s) with the {tokenizer} tokenizer -> {out}"
+        f"{f' ({workers} processes)' if workers > 1 else ''}")
+    tasks = {"train": plan_tasks(train_segs, CHUNK_BYTES), "val": plan_tasks(val_segs, CHUNK_BYTES)}
+    learning = {"char": "counting characters", "bpe": "training BPE"}.get(parse_spec(tokenizer)[0])
+    with _progress_bar(total_bytes, learning or "", enabled=learning is not None) as bar:
+        tok = build_tokenizer(tokenizer, tasks["train"], tasks["train"] + tasks["val"], workers, bar.update)
     dtype = token_dtype(tok.vocab_size)
-    progress = _progress_bar(total_bytes)
-    try:
-        n_train = _write_tokens(tok, train_segs, out / "train.bin", dtype, progress.update if progress else None)
-        n_val = _write_tokens(tok, val_segs, out / "val.bin", dtype, progress.update if progress else None)
-    finally:
-        if progress is not None:
-            progress.close()
+    with _progress_bar(total_bytes, "tokenizing") as bar:
+        counts = _write_splits(tok, dtype, tasks, out, workers, bar.update)
+    n_train, n_val = counts["train"], counts["val"]
     tok.save(out)
     meta = {
         "format": 1,
@@ -343,14 +508,18 @@ def prepare(
     return out
 
 
-def _progress_bar(total_bytes: int) -> Any:
+@contextlib.contextmanager
+def _progress_bar(total_bytes: int, desc: str, enabled: bool = True) -> Iterator[Any]:
+    """A tqdm bar in MB/s on a terminal for inputs of 64 MB or more; otherwise an object that ignores updates."""
     import sys
 
-    if not sys.stderr.isatty() or total_bytes < 64 << 20:
-        return None
+    if not enabled or not sys.stderr.isatty() or total_bytes < 64 << 20:
+        yield SimpleNamespace(update=lambda n: None)
+        return
     from tqdm import tqdm
 
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing")
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, file=sys.stderr) as bar:
+        yield bar
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -410,6 +579,8 @@ def load_data_tokenizer(data_dir: str | Path) -> Tokenizer:
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     idx = starts[:, None] + np.arange(block_size + 1)[None, :]  # (B, T+1)
     batch = torch.from_numpy(tokens[idx].astype(np.int64))
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
@@ -426,19 +597,34 @@ def check_enough_tokens(tokens: np.ndarray, block_size: int, split: str) -> None
 
 
 class RandomBatches:
-    """Windows at uniformly random positions (nanoGPT's get_batch), from a seeded generator."""
+    """Windows at uniformly random positions (nanoGPT's get_batch), from a seeded generator.
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int) -> None:
+    With several processes, every rank draws the same global batch of `batch_size * world_size`
+    positions from the shared seed and keeps rows [rank * batch_size, (rank + 1) * batch_size).
+    The ranks together thus see exactly the windows one process with `batch_size * world_size`
+    would, in the same order (so the two runs match to float rounding), and the stream's state is
+    the same on every rank.
+    """
+
+    def __init__(
+        self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        import torch
+
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
-        self.windows_served = 0
+        self.windows_served = 0  # over all ranks
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (inputs, targets) pair, each (batch_size, block_size) int64."""
+        import torch
+
         high = len(self.tokens) - self.block_size
-        starts = torch.randint(high, (self.batch_size,), generator=self.generator).numpy()
-        self.windows_served += self.batch_size
-        return _windows(self.tokens, starts, self.block_size)
+        starts = torch.randint(high, (self.batch_size * self.world_size,), generator=self.generator).numpy()
+        self.windows_served += len(starts)
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return _windows(self.tokens, mine, self.block_size)
 
     def epoch(self) -> float:
         """Passes over the split so far, counted in tokens."""
@@ -455,10 +641,17 @@ class RandomBatches:
 
 
 class SlidingBatches:
-    """Every window at a fixed stride, shuffled once per epoch (LLMs-from-scratch's GPTDatasetV1)."""
+    """Every window at a fixed stride, shuffled once per epoch (LLMs-from-scratch's GPTDatasetV1).
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, stride: int = 0) -> None:
+    With several processes, each rank keeps its slice of every global batch, as `RandomBatches` does.
+    """
+
+    def __init__(
+        self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, stride: int = 0,
+        rank: int = 0, world_size: int = 1,
+    ) -> None:
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.rank, self.world_size = rank, world_size
         self.stride = stride or block_size
         self.starts = np.arange(0, len(tokens) - block_size, self.stride, dtype=np.int64)
         self.seed = seed
@@ -466,6 +659,8 @@ class SlidingBatches:
         self.order = self._order(0)
 
     def _order(self, epoch: int) -> np.ndarray:
+        import torch
+
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return self.starts[torch.randperm(len(self.starts), generator=g).numpy()]
 
@@ -476,7 +671,7 @@ class SlidingBatches:
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (inputs, targets) pair; an epoch boundary inside a batch rolls into the next."""
         picked = []
-        need = self.batch_size
+        need = self.batch_size * self.world_size
         while need:
             take = self.order[self.cursor : self.cursor + need]
             picked.append(take)
@@ -486,7 +681,8 @@ class SlidingBatches:
                 self.epoch_index += 1
                 self.cursor = 0
                 self.order = self._order(self.epoch_index)
-        return _windows(self.tokens, np.concatenate(picked), self.block_size)
+        mine = np.concatenate(picked)[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return _windows(self.tokens, mine, self.block_size)
 
     def epoch(self) -> float:
         """Passes over the split so far."""
