@@ -1,0 +1,82 @@
+"""Time-to-quality on tiny Shakespeare (char level): train candidate settings for a wall-clock budget, side by side.
+
+    python benchmarks/tune_cpu.py --budget 43s --candidates recipe fast-a fast-b
+    python benchmarks/tune_cpu.py --budget 5m --candidates recipe small-a small-b
+
+Each candidate is `gptlab train shakespeare --tokenizer char --time BUDGET` plus its own flags, run
+one after another (never two at once: they would share the cores and both be slowed). The table
+shows, per candidate: optimizer steps made, ms per step, the val loss at the end of the budget and
+the first elapsed second at which an evaluation reached --threshold (nanoGPT's CPU recipe reaches
+1.886 in 86 s here). Results go to stdout; record the search in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Flags beyond `--tokenizer char --time BUDGET`. "recipe" is nanoGPT's CPU recipe with its
+# schedule laid over the budget.
+CANDIDATES: dict[str, list[str]] = {
+    "recipe": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12 --learning-rate 1e-3 --warmup-iters 100".split(),
+    "cpu-tiny": "--preset cpu-tiny".split(),
+    "cpu-small": "--preset cpu-small".split(),
+    "fast-a": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12 --learning-rate 2e-3 --warmup-iters 50".split(),
+    "fast-b": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 16 --learning-rate 3e-3 --warmup-iters 50".split(),
+    "fast-c": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 24 --learning-rate 3e-3 --warmup-iters 50".split(),
+    "fast-d": "--n-layer 3 --n-head 4 --n-embd 128 --block-size 64 --batch-size 24 --learning-rate 3e-3 --warmup-iters 50".split(),
+    "fast-e": "--n-layer 4 --n-head 4 --n-embd 192 --block-size 64 --batch-size 16 --learning-rate 2e-3 --warmup-iters 50".split(),
+    "small-a": "--n-layer 6 --n-head 6 --n-embd 192 --block-size 128 --batch-size 24 --learning-rate 2e-3 --warmup-iters 100".split(),
+    "small-b": "--n-layer 4 --n-head 4 --n-embd 256 --block-size 128 --batch-size 24 --learning-rate 2e-3 --warmup-iters 100".split(),
+    "small-c": "--n-layer 6 --n-head 8 --n-embd 256 --block-size 128 --batch-size 16 --learning-rate 1.5e-3 --warmup-iters 100".split(),
+    "small-d": "--n-layer 4 --n-head 4 --n-embd 192 --block-size 128 --batch-size 32 --learning-rate 3e-3 --warmup-iters 100".split(),
+}
+
+
+def run_candidate(name: str, flags: list[str], budget: str, out: Path, eval_interval: int) -> dict:
+    """Train one candidate; its steps, ms/step, final val loss and the metrics rows."""
+    cmd = [sys.executable, "-m", "gptlab", "train", "shakespeare", "--tokenizer", "char", "--time", budget,
+           "--out", str(out), "--overwrite", "--eval-interval", str(eval_interval), "--num-samples", "0",
+           "--quiet", *flags]
+    subprocess.run(cmd, check=True)
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    last = rows[-1]
+    steps = int(last["step"])
+    train_seconds = float(last["elapsed_sec"])
+    return {"name": name, "steps": steps, "ms_per_step": 1000 * train_seconds / max(1, steps),
+            "val": float(last["val_loss"]), "rows": rows}
+
+
+def first_reaching(rows: list[dict], threshold: float) -> str:
+    for row in rows:
+        if float(row["val_loss"]) <= threshold:
+            return f"{float(row['elapsed_sec']):.0f} s (step {row['step']})"
+    return "-"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", default="5m", help="wall-clock budget per candidate (default: 5m)")
+    parser.add_argument("--candidates", nargs="+", default=["recipe"], choices=list(CANDIDATES))
+    parser.add_argument("--threshold", type=float, default=1.886, help="val loss whose first arrival is timed")
+    parser.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations (default: 100)")
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.candidates:
+            result = run_candidate(name, CANDIDATES[name], args.budget, Path(tmp) / name, args.eval_interval)
+            results.append(result)
+            print(f"{name:<10} {result['steps']:>6} steps  {result['ms_per_step']:7.1f} ms/step  "
+                  f"val {result['val']:.4f}  val<={args.threshold} at {first_reaching(result['rows'], args.threshold)}",
+                  flush=True)
+    print(f"\nbudget {args.budget}: " + ", ".join(f"{r['name']} {r['val']:.4f}" for r in results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
