@@ -178,6 +178,11 @@ CASES = [
     Case("float-flag-not-a-number", ("train", "--data", "{data}", "--lr", "fast"), ("--lr", "fast")),
     Case("misspelt-flag", ("train", "--data", "{data}", "--n-layers", "2"), ("--n-layers",)),
     Case("no-command", (), ("COMMAND",)),
+    # ---- several processes --------------------------------------------------------------------
+    Case("nproc-zero", ("train", "--data", "{data}", "--nproc", "0"), ("--nproc", "positive", "0")),
+    Case("nproc-not-a-number", ("train", "--data", "{data}", "--nproc", "two"), ("--nproc", "two")),
+    Case("nnodes-without-rdzv-endpoint", ("train", "--data", "{data}", "--nproc", "2", "--nnodes", "2"),
+         ("--nnodes", "--rdzv-endpoint")),
     # ---- config files -------------------------------------------------------------------------
     Case("config-not-json", ("train", "--data", "{data}", "--config", "settings.json"), ("settings.json", "JSON"),
          files={"settings.json": '{"n_layer": 2,\n"n_head": 2\n'}),

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 from gptlab.errors import GptlabError, TrainingInterrupted
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="char", help="char, gpt2 or bpe:N (default: 'char')")
     p.add_argument("--out", default=None, help="output folder (default: data/<name>-<tokenizer>)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation, from the end (default: 0.1)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="processes that tokenize; 0 = one per core (up to 8) for big inputs (default: 0)")
 
     t = sub.add_parser("train", help="train a GPT (from a prepared folder or straight from text)",
                        description="Train a GPT. Settings resolve as preset < --config file < flags.",
@@ -76,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, metavar="RUN", help="continue the run in this folder from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    t.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train in N processes on this machine (one per GPU, or CPU processes) through torchrun")
+    t.add_argument("--nnodes", type=int, default=None, metavar="M",
+                   help="with --nproc: machines taking part, each running the same command; unset = 1")
+    t.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="with --nproc and --nnodes: where the machines meet (the first machine's address and a free port)")
     add_config_flags(t, ModelConfig, "model")
     add_config_flags(t, TrainConfig, "training")
 
@@ -132,18 +141,60 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default=None, help="PNG to write (default: <run>/temperature.png)")
     pl.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
     pl.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
+
+    x = sub.add_parser("export", help="write a run as a Hugging Face transformers folder or Space",
+                       description="Write a run as a folder that transformers loads: "
+                                   "AutoModelForCausalLM.from_pretrained(DIR), pipeline('text-generation', DIR); "
+                                   "or, with --format space, as a Gradio Space serving the page of gptlab serve.")
+    x.add_argument("run", help="run folder")
+    x.add_argument("--format", default="hf", help="hf: a transformers GPT-2 folder with tokenizer and model card; "
+                                                  "space: a Hugging Face Space (app.py, the model, gptlab) (default: 'hf')")
+    x.add_argument("--out", default=None, help="folder to write (default: exports/<run name>, exports/<run name>-space)")
+    x.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
+
+    u = sub.add_parser("push", help="upload an exported folder to the Hugging Face Hub",
+                       description="Upload a folder to a Hub repo (created if needed). The token comes from HF_TOKEN "
+                                   "or `hf auth login`.")
+    u.add_argument("folder", help="folder to upload (e.g. made by gptlab export)")
+    u.add_argument("--repo-id", required=True, help="the Hub repo, as user/name")
+    u.add_argument("--private", action="store_true", help="create the repo private")
+    u.add_argument("--space", action="store_true", help="upload to a Space (Gradio) instead of a model repo")
+    u.add_argument("--dry-run", action="store_true", help="list what would be uploaded; touch no network")
+
+    from gptlab.serve.limits import Limits
+
+    sv = sub.add_parser("serve", help="serve runs: a web page and an OpenAI-compatible API",
+                        description="Serve runs from one process: the page at /, the OpenAI-compatible API at /v1, "
+                                    "/health. Several runs are chosen by name (the folder name).")
+    sv.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: '127.0.0.1')")
+    sv.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default: 8000)")
+    sv.add_argument("--api-key", default=os.environ.get("GPTLAB_API_KEY"),
+                    help="require Authorization: Bearer KEY on /v1 and this key on the page (default: $GPTLAB_API_KEY, else none)")
+    for name, text in (("max_new_tokens_limit", "ceiling on max_tokens per request"),
+                       ("max_prompt_chars", "longest prompt, in characters"),
+                       ("max_n", "most samples per request (n)"),
+                       ("concurrency", "generations running at once, per model"),
+                       ("queue_size", "requests waiting per model before 429")):
+        default = getattr(Limits, name)
+        sv.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=f"{text} (default: {default})")
+    sv.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
+    sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
     return parser
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from gptlab.data import prepare
 
-    out = prepare(args.inputs, tokenizer=args.tokenizer, out=args.out, val_fraction=args.val_fraction)
+    out = prepare(args.inputs, tokenizer=args.tokenizer, out=args.out, val_fraction=args.val_fraction,
+                  workers=args.workers)
     print(f"prepared {out}; train with: gptlab train --data {out}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from gptlab import distributed
     from gptlab.config import ModelConfig, TrainConfig, resolve_config
     from gptlab.data import default_data_dir, matches_sources, prepare, resolve_inputs
     from gptlab.train import train
@@ -160,19 +211,40 @@ def cmd_train(args: argparse.Namespace) -> int:
         config_file = os.path.join(args.resume, CONFIG)
         overrides["out"] = args.resume
     model_cfg, train_cfg = resolve_config(args.preset, config_file, overrides)
+    if (args.nproc, args.nnodes, args.rdzv_endpoint) != (None, None, None) and not distributed.launched():
+        return distributed.launch(args.nproc, args.argv, args.nnodes, args.rdzv_endpoint)
     if args.inputs:
         if "data" in overrides:
             raise GptlabError("give either text to train on or --data, not both")
         name, _ = resolve_inputs(args.inputs)
         data_dir = default_data_dir(name, train_cfg.tokenizer)
-        if matches_sources(data_dir, args.inputs, train_cfg.tokenizer, train_cfg.val_fraction):
-            print(f"using prepared data in {data_dir}")
-        else:
-            prepare(args.inputs, train_cfg.tokenizer, data_dir, train_cfg.val_fraction,
-                    log=(lambda *a: None) if args.quiet else print)
-        model_cfg, train_cfg = resolve_config(args.preset, config_file, {**overrides, "data": str(data_dir)})
+        with distributed.main_first():  # under torchrun, rank 0 prepares and the others find it ready
+            if matches_sources(data_dir, args.inputs, train_cfg.tokenizer, train_cfg.val_fraction):
+                if distributed.is_main():
+                    print(f"using prepared data in {data_dir}")
+            else:
+                prepare(args.inputs, train_cfg.tokenizer, data_dir, train_cfg.val_fraction,
+                        log=(lambda *a: None) if args.quiet or not distributed.is_main() else print)
+        overrides["data"] = str(data_dir)
+        if not (args.preset or args.config or args.resume):
+            overrides = size_to_data(overrides, data_dir, train_cfg.device, quiet=args.quiet or not distributed.is_main())
+        model_cfg, train_cfg = resolve_config(args.preset, config_file, overrides)
     train(model_cfg, train_cfg, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet)
     return 0
+
+
+def size_to_data(overrides: dict[str, Any], data_dir: Any, device: str, quiet: bool) -> dict[str, Any]:
+    """`overrides` plus the model shape and budget that `gptlab.sizing` picks for this data and machine."""
+    from gptlab.sizing import choose
+    from gptlab.train import autodetect_device
+
+    meta = json.loads((Path(str(data_dir)) / "meta.json").read_text(encoding="utf-8"))
+    choice = choose(int(meta["train_tokens"]), autodetect_device(device).type, set(overrides))
+    if choice is None:
+        return overrides
+    if not quiet:
+        print(choice.reason)
+    return {**choice.model, **choice.train, **overrides}
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -327,21 +399,67 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from gptlab.export import export
+
+    out = export(args.run, args.out, args.format, args.checkpoint, args.overwrite)
+    if args.format == "space":
+        print(f"wrote {out}; try it with `python {out / 'app.py'}`, then upload it with "
+              f"`gptlab push {out} --repo-id USER/NAME --space`")
+    else:
+        print(f"wrote {out}; load it with transformers: pipeline('text-generation', '{out}')")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from gptlab.export import push
+
+    url, files = push(args.folder, args.repo_id, private=args.private, space=args.space, dry_run=args.dry_run)
+    total = sum(size for _, size in files)
+    if args.dry_run:
+        for path, size in files:
+            print(f"{size:>14,}  {path}")
+        print(f"dry run: would upload {len(files)} files ({total:,} bytes) to {url}"
+              f"{' (private)' if args.private else ''}; nothing was sent")
+    else:
+        print(f"uploaded {len(files)} files ({total:,} bytes) to {url}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gptlab.serve.limits import Limits
+
+    limits = Limits(max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_chars=args.max_prompt_chars,
+                    max_n=args.max_n, concurrency=args.concurrency, queue_size=args.queue_size)
+    from gptlab.serve.app import serve
+
+    serve(args.runs, host=args.host, port=args.port, api_key=args.api_key, limits=limits,
+          checkpoint=args.checkpoint, device=args.device)
+    return 0
+
+
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "info": cmd_info,
-            "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot}
+            "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot, "serve": cmd_serve,
+            "export": cmd_export, "push": cmd_push}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gptlab` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # what `--nproc` runs again under torchrun
     try:
         return COMMANDS[args.command](args)
     except GptlabError as e:
+        from gptlab.distributed import is_main
+
+        say = is_main()  # under torchrun every rank fails alike; one line is enough
         if isinstance(e, TrainingInterrupted):
-            print(f"gptlab {args.command}: {e}", file=sys.stderr)
+            if say:
+                print(f"gptlab {args.command}: {e}", file=sys.stderr)
             return 130
-        print(f"gptlab {args.command}: error: {e}", file=sys.stderr)
+        if say:
+            print(f"gptlab {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gptlab {args.command}: interrupted", file=sys.stderr)

@@ -78,6 +78,10 @@ class TrainConfig:
     data: str = _help("prepared data folder (made by `gptlab prepare`)", default="")
     out: str = _help("run folder for checkpoints, metrics and plots; default runs/<data name>", default="")
     tokenizer: str = _help("tokenizer when training straight from text: char, gpt2 or bpe:N", default="char")
+    init_from: str = _help(
+        "start from these weights: a Hugging Face GPT-2 folder or a gptlab run folder "
+        "(its model shape and tokenizer come with it; the data must use the same tokenizer)", default=""
+    )
     val_fraction: float = _help("share of the text held out for validation (taken from the end)", default=0.1)
     batch_size: int = _help("sequences per micro-batch", default=12)
     grad_accum: int = _help("micro-batches accumulated per optimizer step", default=1)
@@ -168,6 +172,15 @@ PRESETS: list[dict[str, Any]] = [
         "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False),
         "train": dict(
             tokenizer="char", batch_size=12, max_iters=2000, learning_rate=1e-3, warmup_iters=100,
+            beta2=0.99, eval_interval=250, eval_iters=20,
+        ),
+    },
+    {
+        "name": "cpu-small",
+        "about": "the most tiny-Shakespeare learning in 5 CPU minutes: 6 layers, 6 heads, 192 wide, context 128",
+        "model": dict(n_layer=6, n_head=6, n_embd=192, block_size=128, dropout=0.0, bias=False),
+        "train": dict(
+            tokenizer="char", batch_size=24, max_iters=5000, learning_rate=2e-3, warmup_iters=100,
             beta2=0.99, eval_interval=250, eval_iters=20,
         ),
     },

@@ -11,6 +11,9 @@ Design choices:
 - On a CPU without native bf16 (bf16 matmuls run 140-630x slower than float32 on e.g. Zen 3)
   a request for bfloat16 or float16 falls back to float32 with a warning.
 - `torch.compile` is on by default on CUDA only; if it fails, training continues eagerly.
+- Under torchrun the model is wrapped in DistributedDataParallel; every rank draws the same global
+  batch and keeps its slice (see `RandomBatches`), rank 0 alone prints and writes the run folder,
+  and each rank's RNG state is gathered into the checkpoint (gptlab/distributed.py has the rest).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from torch.nn import functional as F
 
 from gptlab import checkpoint as ckpt
+from gptlab import distributed
 from gptlab.config import ModelConfig, TrainConfig, parse_duration
 from gptlab.data import (
     RandomBatches,
@@ -40,12 +44,14 @@ from gptlab.data import (
 )
 from gptlab.errors import GptlabError, TrainingInterrupted
 from gptlab.model import GPT
+from gptlab.sizing import memorisation_warning
 from gptlab.tokenizer import load_tokenizer
 
 
 def warn(message: str) -> None:
-    """A one-line warning on stderr."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    """A one-line warning on stderr (from rank 0 only)."""
+    if distributed.is_main():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def autodetect_device(requested: str = "auto") -> torch.device:
@@ -220,13 +226,14 @@ def estimate_loss(
     model.eval()
     out = {}
     for offset, (name, tokens) in enumerate(splits.items()):
-        batches = RandomBatches(tokens, block_size, cfg.batch_size, seed=cfg.seed + 1000 + offset)
+        batches = RandomBatches(tokens, block_size, cfg.batch_size, seed=cfg.seed + 1000 + offset,
+                                rank=distributed.rank(), world_size=distributed.world_size())
         total = torch.zeros((), device=device)
         for _ in range(cfg.eval_iters):
             x, y = batches.next()
             with autocast():
                 total += _cross_entropy(model(x.to(device)), y.to(device))
-        out[name] = (total / cfg.eval_iters).item()
+        out[name] = distributed.mean((total / cfg.eval_iters).item())
     model.train()
     return out
 
@@ -240,7 +247,7 @@ def plan_steps(cfg: TrainConfig, train_tokens: int, block_size: int, sampler: An
     """Total optimizer steps: --max-iters, or enough for --epochs passes over the train split."""
     if cfg.epochs <= 0:
         return cfg.max_iters
-    windows_per_step = cfg.batch_size * cfg.grad_accum
+    windows_per_step = cfg.batch_size * cfg.grad_accum * distributed.world_size()
     if isinstance(sampler, SlidingBatches):
         return max(1, math.ceil(cfg.epochs * sampler.windows_per_epoch() / windows_per_step))
     return max(1, math.ceil(cfg.epochs * train_tokens / (windows_per_step * block_size)))
@@ -305,11 +312,18 @@ def train(
     quiet: bool = False,
 ) -> TrainResult:
     """Train a GPT on a prepared data folder and write the run folder; returns the summary."""
+    distributed.init()
+    quiet = quiet or not distributed.is_main()
     say = (lambda *a, **k: None) if quiet else (lambda text: print(text, flush=True))
     if not cfg.data:
         raise GptlabError("no training data; pass --data <prepared folder> or a text file (gptlab train my.txt)")
     meta = read_meta(cfg.data)
     tokenizer = load_tokenizer(cfg.data)
+    init_weights = None
+    if cfg.init_from and not resume:  # the shape and tokenizer come with the weights
+        from gptlab.hf_import import load_init
+
+        model_cfg, init_weights, tokenizer = load_init(cfg.init_from, model_cfg, tokenizer, cfg.data)
     if model_cfg.vocab_size == 0:
         model_cfg = replace(model_cfg, vocab_size=tokenizer.vocab_size)
     elif model_cfg.vocab_size < tokenizer.vocab_size:
@@ -325,7 +339,9 @@ def train(
     if run_dir.exists() and not run_dir.is_dir():
         raise GptlabError(f"--out {run_dir} is a file, not a folder; choose another --out")
     if resume:
-        ckpt.recover_resume_point(run_dir)
+        if distributed.is_main():
+            ckpt.recover_resume_point(run_dir)
+        distributed.barrier()
         if not (run_dir / ckpt.LAST).is_file():
             raise GptlabError(f"nothing to resume in {run_dir} (no {ckpt.LAST}); drop --resume to start a new run")
     elif ckpt.is_run_dir(run_dir):
@@ -334,30 +350,37 @@ def train(
                 f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, --overwrite to replace it, "
                 "or another --out"
             )
-        ckpt.clear_run_dir(run_dir)
+        if distributed.is_main():
+            ckpt.clear_run_dir(run_dir)
+    distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, out=str(run_dir))
 
-    device = autodetect_device(cfg.device)
+    device = distributed.device_for_rank(autodetect_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     set_determinism(cfg.deterministic)
     seed_everything(cfg.seed)
     model = GPT(model_cfg).to(device)
+    if init_weights is not None:
+        model.load_state_dict(init_weights)
+    if distributed.world_size() > 1:  # same weights everywhere, but each rank its own dropout
+        seed_everything(distributed.rank_seed(cfg.seed))
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     if dtype == torch.float32:
         autocast = contextlib.nullcontext
     else:
         autocast = lambda: torch.autocast(device_type=device.type, dtype=dtype)  # noqa: E731
+    ranks = dict(rank=distributed.rank(), world_size=distributed.world_size())
     if cfg.sampler == "sliding":
-        batches: Any = SlidingBatches(train_tokens, model_cfg.block_size, cfg.batch_size, cfg.seed, cfg.stride)
+        batches: Any = SlidingBatches(train_tokens, model_cfg.block_size, cfg.batch_size, cfg.seed, cfg.stride, **ranks)
     else:
-        batches = RandomBatches(train_tokens, model_cfg.block_size, cfg.batch_size, cfg.seed)
+        batches = RandomBatches(train_tokens, model_cfg.block_size, cfg.batch_size, cfg.seed, **ranks)
     total_steps = plan_steps(cfg, len(train_tokens), model_cfg.block_size, batches)
     budget = parse_duration(cfg.time) if cfg.time else 0.0
     if budget:
         total_steps = 10**12  # the clock decides
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size * distributed.world_size()
 
     step, best_val, tokens_seen, elapsed_before = 0, float("inf"), 0, 0.0
     lr_scale, rollbacks = 1.0, 0
@@ -369,8 +392,16 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        batches.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        per_rank = state.get("ranks") or [{"sampler": state["sampler"], "rng": state["rng"]}]
+        if len(per_rank) == distributed.world_size():
+            batches.load_state_dict(per_rank[distributed.rank()]["sampler"])
+            set_rng_state(per_rank[distributed.rank()]["rng"])
+        else:  # the shared data stream continues; the other ranks' dropout streams cannot
+            warn(f"the run was saved by {len(per_rank)} process(es) and continues in {distributed.world_size()}; "
+                 "it will not match an uninterrupted run exactly")
+            batches.load_state_dict(state["sampler"])
+            if distributed.is_main():
+                set_rng_state(state["rng"])
         step, best_val = int(state["step"]), float(state["best_val_loss"])
         tokens_seen, elapsed_before = int(state["tokens_seen"]), float(state["elapsed_sec"])
         lr_scale, rollbacks = float(state.get("lr_scale", 1.0)), int(state.get("rollbacks", 0))
@@ -379,15 +410,17 @@ def train(
         restore(ckpt.load_train_state(run_dir / ckpt.TRAIN_STATE))
         metrics.load(up_to_step=step)
         say(f"resuming {run_dir} at step {step:,}" + ("" if budget else f" of {total_steps:,}"))
-    else:
+    elif distributed.is_main():
         tokenizer.save(run_dir)
-    ckpt.write_run_config(run_dir, model_cfg, cfg, {"type": meta["tokenizer"], "vocab_size": tokenizer.vocab_size})
+    if distributed.is_main():
+        ckpt.write_run_config(run_dir, model_cfg, cfg, {"type": meta["tokenizer"], "vocab_size": tokenizer.vocab_size})
 
     compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    train_model: torch.nn.Module = model
+    ddp_model = distributed.wrap(model, device)  # the model itself in one process
+    train_model: torch.nn.Module = ddp_model
     if compile_on:
         try:
-            train_model = torch.compile(model)
+            train_model = torch.compile(ddp_model)
         except Exception as e:  # compile is an optimisation; never the reason a run fails
             warn(f"torch.compile unavailable ({type(e).__name__}); training eagerly")
     n_params = model.num_params()
@@ -398,9 +431,13 @@ def train(
     say(
         f"data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens from {cfg.data}; "
         f"{tokens_per_step:,} tokens per step; device {device}, {str(dtype).replace('torch.', '')}"
-        f"{', compiled' if train_model is not model else ''}"
+        f"{', compiled' if train_model is not ddp_model else ''}"
+        f"{f'; {distributed.world_size()} processes' if distributed.world_size() > 1 else ''}"
     )
     say(f"run folder: {run_dir}")
+    too_big = memorisation_warning(n_params, len(train_tokens))
+    if too_big and distributed.is_main() and not quiet:
+        warn(too_big)
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         nonlocal train_model
@@ -408,14 +445,17 @@ def train(
             with autocast():
                 return _cross_entropy(train_model(x), y)
         except Exception as e:
-            if train_model is model:
+            if train_model is ddp_model:
                 raise
             warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); training eagerly")
-            train_model = model
+            train_model = ddp_model
             with autocast():
-                return _cross_entropy(model(x), y)
+                return _cross_entropy(ddp_model(x), y)
 
     def save_checkpoint(is_best: bool, val_loss: float) -> None:
+        per_rank = distributed.gather({"sampler": batches.state_dict(), "rng": rng_state()})
+        if not distributed.is_main():
+            return
         info = {"step": step, "val_loss": f"{val_loss:.6f}", "tokens_seen": tokens_seen}
         if is_best:
             ckpt.save_weights(run_dir / ckpt.BEST, model, info, run_dir)
@@ -431,6 +471,8 @@ def train(
             "sampler": batches.state_dict(),
             "rng": rng_state(),
         }
+        if distributed.world_size() > 1:
+            state["ranks"] = per_rank
         ckpt.save_resume_point(run_dir, model, state, info)
 
     splits = {"train": train_tokens, "val": val_tokens}
@@ -448,7 +490,8 @@ def train(
     model.train()
     with StopRequest() as stop:
         while True:
-            elapsed = elapsed_before + time.perf_counter() - t_start
+            # every rank follows rank 0's clock and stops when any rank was asked to
+            elapsed, stopping = distributed.agree(elapsed_before + time.perf_counter() - t_start, stop.signal is not None)
             finished = step >= total_steps or (budget and elapsed >= budget)
             time_fraction = elapsed / budget if budget else None
             if (step % cfg.eval_interval == 0 or finished) and not just_resumed:
@@ -456,15 +499,16 @@ def train(
                 is_best = losses["val"] < best_val
                 best_val = min(best_val, losses["val"])
                 tokens_per_sec = tokens_seen / elapsed if elapsed > 0 else 0.0
-                metrics.append(
-                    {
-                        "step": step, "tokens_seen": tokens_seen, "epoch": f"{batches.epoch():.4f}",
-                        "lr": f"{learning_rate(max(step - 1, 0), cfg, total_steps, time_fraction) * lr_scale:.6g}",
-                        "train_loss": f"{losses['train']:.6f}", "val_loss": f"{losses['val']:.6f}",
-                        "tokens_per_sec": f"{tokens_per_sec:.1f}", "elapsed_sec": f"{elapsed:.2f}",
-                    },
-                    run_dir,
-                )
+                if distributed.is_main():
+                    metrics.append(
+                        {
+                            "step": step, "tokens_seen": tokens_seen, "epoch": f"{batches.epoch():.4f}",
+                            "lr": f"{learning_rate(max(step - 1, 0), cfg, total_steps, time_fraction) * lr_scale:.6g}",
+                            "train_loss": f"{losses['train']:.6f}", "val_loss": f"{losses['val']:.6f}",
+                            "tokens_per_sec": f"{tokens_per_sec:.1f}", "elapsed_sec": f"{elapsed:.2f}",
+                        },
+                        run_dir,
+                    )
                 save_checkpoint(is_best, losses["val"])
                 progress.write(
                     f"step {step:>6}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
@@ -474,12 +518,13 @@ def train(
                     progress.write(f"reached target val loss {cfg.target_loss} at step {step}; stopping")
                     break
             just_resumed = False
-            if stop.signal is not None:
+            if stopping:
                 save_checkpoint(False, losses["val"])
                 progress.close()
+                nproc = f" --nproc {distributed.world_size()}" if distributed.world_size() > 1 else ""
                 raise TrainingInterrupted(
                     f"stopped at step {step} and saved {run_dir / ckpt.LAST}; "
-                    f"continue with `gptlab train --resume {run_dir}`"
+                    f"continue with `gptlab train --resume {run_dir}{nproc}`"
                 )
             if finished:
                 break
@@ -488,20 +533,22 @@ def train(
             lr = learning_rate(step, cfg, total_steps, time_fraction) * lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 x, y = batches.next()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = forward_loss(x, y)
-                if nan_steps[step] > 0:
-                    nan_steps[step] -= 1
-                    loss = loss * float("nan")
-                last_loss = loss.detach()
-                scaler.scale(loss / cfg.grad_accum).backward()
+                with distributed.no_sync(ddp_model, sync=micro == cfg.grad_accum - 1):
+                    loss = forward_loss(x, y)
+                    if nan_steps[step] > 0:
+                        nan_steps[step] -= 1
+                        loss = loss * float("nan")
+                    last_loss = loss.detach()
+                    scaler.scale(loss / cfg.grad_accum).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             # One host sync per step: a non-finite loss or gradient must never reach the weights.
             # (With float16 the grad scaler skips overflowing steps itself; only a bad loss counts.)
             finite = bool(torch.isfinite(last_loss)) and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+            finite = distributed.all_ranks(finite)  # every rank skips, or none does
             if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()
@@ -515,6 +562,7 @@ def train(
                             f"(now {cfg.learning_rate * lr_scale:.2e}) or use --dtype float32, then --resume {run_dir}"
                         )
                     wall, kept_scale, kept_rollbacks = elapsed_before + time.perf_counter() - t_start, lr_scale, rollbacks
+                    distributed.barrier()  # rank 0 has finished writing the checkpoint
                     restore(ckpt.load_train_state(run_dir / ckpt.TRAIN_STATE))
                     rollbacks, lr_scale, elapsed_before = kept_rollbacks + 1, kept_scale * 0.5, wall
                     bad_streak = 0
@@ -541,7 +589,7 @@ def train(
             now = time.perf_counter()
             rate = tokens_window / max(now - t_window, 1e-9)
             if logging_now and last_loss is not None:
-                shown = last_loss.item()
+                shown = distributed.mean(last_loss.item())
                 t_window, tokens_window = now, 0
             if budget:
                 eta = max(0.0, budget - (elapsed_before + now - t_start))
@@ -552,7 +600,9 @@ def train(
     elapsed = elapsed_before + time.perf_counter() - t_start
 
     say(f"done: {step:,} steps in {elapsed:,.1f}s, best val loss {best_val:.4f}")
-    finish_run(run_dir, model, tokenizer, cfg, say)
+    if distributed.is_main():
+        finish_run(run_dir, model, tokenizer, cfg, say)
+    distributed.teardown()
     return TrainResult(
         run_dir=run_dir, steps=step, best_val_loss=best_val, final_train_loss=losses["train"],
         final_val_loss=losses["val"], tokens_seen=tokens_seen, elapsed_sec=elapsed, num_params=n_params,
