@@ -63,9 +63,11 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
         self.pos = 0  # positions filled so far
-        # Made once, so a decode step looks them up instead of building index and mask tensors.
-        self._index = torch.arange(max_len, device=device).view(max_len, 1)
-        self._visible = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril().view(max_len, 1, 1, 1, max_len)
+        # Made once as Python lists of views, so a decode step picks its index and mask tensors
+        # without a single torch op.
+        self._index = list(torch.arange(max_len, device=device).view(max_len, 1).unbind(0))
+        causal = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
+        self._visible = list(causal.view(max_len, 1, 1, 1, max_len).unbind(0))
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> KVCache:

@@ -180,7 +180,7 @@ class GPT(nn.Module):
         C, nh = self.config.n_embd, self.config.n_head
         d = self._decode
         n = cache.pos
-        x = torch.embedding(d.wte, idx.view(B)) + d.wpe[n]  # (B, C)
+        x = torch.embedding(d.wte, idx.view(B)) + d.wpe_rows[n]  # (B, C)
         visible = cache.visible(n)  # (1, 1, 1, max_len): positions 0..n
         for layer, (ln_1, attn, proj, ln_2, fc, mlp_proj, act) in enumerate(d.layers):
             h = torch.layer_norm(x, (C,), *ln_1)
@@ -266,6 +266,7 @@ class _DecodeTensors:
             return linear(b.mlp.c_fc), linear(b.mlp.c_proj), partial(F.gelu, approximate=b.mlp.approximate)
 
         self.wte, self.wpe = t.wte.weight, t.wpe.weight
+        self.wpe_rows = list(self.wpe.detach().unbind(0))  # one position's row without an indexing op
         self.layers = [
             ((b.ln_1.weight, b.ln_1.bias), linear(b.attn.c_attn), linear(b.attn.c_proj), (b.ln_2.weight, b.ln_2.bias),
              *mlp(b))
