@@ -24,7 +24,7 @@ from pathlib import Path
 CANDIDATES: dict[str, list[str]] = {
     "recipe": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12 --learning-rate 1e-3 --warmup-iters 100".split(),
     "cpu-tiny": "--preset cpu-tiny".split(),
-    "cpu-small": "--preset cpu-small".split(),
+    "cpu-small": "--preset cpu-small".split(),  # fast-b's settings since they won the 5-minute search
     "fast-a": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12 --learning-rate 2e-3 --warmup-iters 50".split(),
     "fast-b": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 16 --learning-rate 3e-3 --warmup-iters 50".split(),
     "fast-c": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 24 --learning-rate 3e-3 --warmup-iters 50".split(),

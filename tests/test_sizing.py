@@ -17,9 +17,11 @@ def gptlab(*args, cwd=None):
 
 def test_the_shape_grows_with_the_corpus_on_a_cpu():
     small, middle, large = (choose(n, "cpu", set()) for n in (20_000, 300_000, 1_000_000))
-    widths = [c.model["n_embd"] * c.model["n_layer"] for c in (small, middle, large)]
-    assert widths == sorted(widths) and len(set(widths)) == 3
-    assert large.model == {k: v for k, v in get_preset("cpu-small")["model"].items()}
+    sizes = [ModelConfig(**c.model).num_params(65) for c in (small, middle, large)]
+    assert sizes[0] < sizes[1] <= sizes[2]
+    assert middle.model == get_preset("cpu-tiny")["model"]
+    assert large.model == get_preset("cpu-small")["model"]
+    assert large.train["learning_rate"] == get_preset("cpu-small")["train"]["learning_rate"]
     assert all(c.train["time"] == "5m" for c in (small, middle, large))
     assert "1,000,000 training tokens" in large.reason and "5m" in large.reason
 
