@@ -142,7 +142,7 @@ def build_page(models: Sequence[ServedModel], limits: Limits | None = None, titl
                     top_p = gr.Slider(0.01, 1, step=0.01, value=1.0, label="Top-p", info="1 = off")
                     repetition_penalty = gr.Slider(0.5, 2, step=0.05, value=1.0, label="Repetition penalty",
                                                    info="1 = off")
-                    stop = gr.Textbox(label="Stop strings", lines=2, placeholder="one per line; \\n means a newline")
+                    stop = gr.Textbox(value="", label="Stop strings", lines=2, placeholder="one per line; \\n means a newline")
                     seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed", info="-1 = random")
             if examples:
                 gr.Examples([[e] for e in examples], inputs=[prompt], label="Example prompts")
