@@ -24,12 +24,14 @@ from pathlib import Path
 CANDIDATES: dict[str, list[str]] = {
     "recipe": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12 --learning-rate 1e-3 --warmup-iters 100".split(),
     "cpu-tiny": "--preset cpu-tiny".split(),
-    "cpu-small": "--preset cpu-small".split(),  # fast-b's settings since they won the 5-minute search
+    "cpu-small": "--preset cpu-small".split(),  # fast-g's settings since they won the 5-minute search
     "fast-a": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12 --learning-rate 2e-3 --warmup-iters 50".split(),
     "fast-b": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 16 --learning-rate 3e-3 --warmup-iters 50".split(),
     "fast-c": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 24 --learning-rate 3e-3 --warmup-iters 50".split(),
     "fast-d": "--n-layer 3 --n-head 4 --n-embd 128 --block-size 64 --batch-size 24 --learning-rate 3e-3 --warmup-iters 50".split(),
     "fast-e": "--n-layer 4 --n-head 4 --n-embd 192 --block-size 64 --batch-size 16 --learning-rate 2e-3 --warmup-iters 50".split(),
+    "fast-f": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 16 --learning-rate 5e-3 --warmup-iters 50".split(),
+    "fast-g": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 128 --batch-size 12 --learning-rate 3e-3 --warmup-iters 50".split(),
     "small-a": "--n-layer 6 --n-head 6 --n-embd 192 --block-size 128 --batch-size 24 --learning-rate 2e-3 --warmup-iters 100".split(),
     "small-b": "--n-layer 4 --n-head 4 --n-embd 256 --block-size 128 --batch-size 24 --learning-rate 2e-3 --warmup-iters 100".split(),
     "small-c": "--n-layer 6 --n-head 8 --n-embd 256 --block-size 128 --batch-size 16 --learning-rate 1.5e-3 --warmup-iters 100".split(),
