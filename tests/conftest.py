@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,13 @@ SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 # Tiny model settings used across tests: trains in well under a second per few steps on a CPU.
 TINY_MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.0)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

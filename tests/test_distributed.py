@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -22,7 +21,7 @@ from gptlab.config import resolve_config
 from gptlab.model import GPT
 from gptlab.train import train
 
-from .conftest import TINY_MODEL
+from .conftest import TINY_MODEL, free_port
 
 # The learning-rate schedule is pinned to 20 steps, so a 10-step run resumed to 20 follows it too.
 SETTINGS = dict(eval_iters=2, eval_interval=10, warmup_iters=5, lr_decay_iters=20, learning_rate=3e-3,
@@ -36,12 +35,6 @@ def flags(settings: dict) -> list[str]:
 
 
 TINY_FLAGS = flags({**TINY_MODEL, **SETTINGS, "batch_size": BATCH})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(argv: list[str], cwd: Path) -> subprocess.Popen:

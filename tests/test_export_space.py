@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import httpx
 import pytest
 
 from gptlab import cli
+
+from .conftest import free_port
 
 if importlib.util.find_spec("gradio") is None:
     pytest.skip("a Space needs gradio", allow_module_level=True)
@@ -60,12 +61,6 @@ def space(tiny_run, tmp_path_factory) -> Path:
     assert r.returncode == 0, r.stderr
     assert f"gptlab push {out} --repo-id USER/NAME --space" in r.stdout
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_space_holds_the_app_the_run_files_and_gptlab_and_nothing_pickled(space, tiny_run):

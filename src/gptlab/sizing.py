@@ -32,7 +32,8 @@ class Choice:
     reason: str
 
 
-# (fewest train tokens, preset-like settings, name) from small to large, per device kind.
+# (fewest train tokens, preset name or "micro", model settings, train settings), small to large; a
+# preset's own settings come first and the tier's settings override them.
 CPU_TIERS: list[tuple[int, str, dict[str, Any], dict[str, Any]]] = [
     (0, "micro", dict(n_layer=2, n_head=2, n_embd=64, block_size=64, dropout=0.1),
      dict(batch_size=16, learning_rate=2e-3, warmup_iters=50, eval_interval=100)),
@@ -48,7 +49,7 @@ GPU_TIERS: list[tuple[int, str, dict[str, Any], dict[str, Any]]] = [
 
 def choose(train_tokens: int, device_type: str, given: set[str]) -> Choice | None:
     """Model and length settings for `train_tokens` of training text on `device_type`; None if all were given."""
-    from gptlab.config import get_preset
+    from gptlab.config import get_preset, preset_names
 
     pick_model = not (given & set(MODEL_SHAPE))
     pick_length = not (given & set(LENGTH))
@@ -56,8 +57,8 @@ def choose(train_tokens: int, device_type: str, given: set[str]) -> Choice | Non
         return None
     on_gpu = device_type in ("cuda", "mps")
     tiers = GPU_TIERS if on_gpu else CPU_TIERS
-    _, name, model, train = max((t for t in tiers if t[0] <= train_tokens), key=lambda t: t[0])
-    if name in ("cpu-tiny", "cpu-small", "char-small", "gpt2-124m"):
+    _, name, model, train = [t for t in tiers if t[0] <= train_tokens][-1]
+    if name in preset_names():
         preset = get_preset(name)
         model, train = {**preset["model"], **model}, {**preset["train"], **train}
     # the tokenizer was already chosen (the data is prepared); the vocabulary comes from it
@@ -70,9 +71,8 @@ def choose(train_tokens: int, device_type: str, given: set[str]) -> Choice | Non
         chosen_train["time"] = budget
     parts = []
     if pick_model:
-        shape = {**model}
         parts.append(
-            f"the {name} shape ({shape['n_layer']} layers, {shape['n_embd']} wide, context {shape['block_size']}) "
+            f"the {name} shape ({model['n_layer']} layers, {model['n_embd']} wide, context {model['block_size']}) "
             f"for {train_tokens:,} training tokens on {'a GPU' if on_gpu else 'the CPU'}"
         )
     if pick_length:
