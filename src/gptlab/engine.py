@@ -85,19 +85,19 @@ class KVCache:
         self.pos += n
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new keys/values (b, nh, T, hs) for `layer`; return what attention should read."""
+        """Store a window's keys/values (b, nh, T, hs) for `layer` in an empty cache; return what attention reads.
+
+        Tokens after the window go through `write` (one position at a time, read under `visible`).
+        """
         T = k.size(2)
-        end = self.pos + T
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} asked for")
+        if self.pos != 0:
+            raise ValueError("a cache that already holds positions takes one token at a time (write)")
+        if T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {T} asked for")
         # copy_ broadcasts, so a one-row prefill fills every sample's row.
-        self.k[layer].narrow(2, self.pos, T).copy_(k)
-        self.v[layer].narrow(2, self.pos, T).copy_(v)
-        if self.pos == 0:
-            return k, v  # a window filling the cache attends to itself (causally)
-        if T != 1:
-            raise ValueError("a cache that already holds positions takes one token at a time")
-        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
+        self.k[layer].narrow(2, 0, T).copy_(k)
+        self.v[layer].narrow(2, 0, T).copy_(v)
+        return k, v  # a window filling the cache attends to itself (causally)
 
     def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one position's keys/values (B, nh, 1, hs) at `pos`; return the whole cache of `layer`.

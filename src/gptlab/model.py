@@ -12,8 +12,8 @@ Design choices:
 - Optional biases (nanoGPT found them unneeded for small models), optional dropout.
 - Generation has its own entry, `forward_cached(idx, cache)`: the same blocks written out flat with
   functional calls, reading and extending a KV cache (the engine's `KVCache`: `pos`, `advance(n)`,
-  `update(layer, k, v)` for a window, `write(layer, pos, k, v)` and `visible(pos)` for one token), returning the logits of the last position only,
-  (B, vocab). At one token per step a small model's cost is Python overhead, not arithmetic: each
+  `update(layer, k, v)` for a window, `write(layer, pos, k, v)` and `visible(pos)` for one token),
+  returning the logits of the last position only, (B, vocab). At one token per step a small model's cost is Python overhead, not arithmetic: each
   module call costs ~7 us here against ~11 us for a 128x384 matmul, and the flat path decodes the
   cpu-tiny shape about twice as fast as calling the modules. It is for inference only (no dropout,
   no gradients to the transposed copies described at `_DecodeTensors`); tests hold it equal to
