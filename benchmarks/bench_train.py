@@ -7,18 +7,22 @@ Prints ms/iter, tokens/s and model FLOPs utilisation (MFU) for three shapes:
 
 MFU = (6 N + 12 L C T) FLOPs per token x tokens/s / peak, where the peak is this machine's float32
 matmul rate, measured by the script itself. The reference is written here the way nanoGPT's
-train.py runs on a CPU: eager, float32, torch AdamW without fused or foreach kernels, loss.item()
-every step.
+train.py runs on a CPU: eager, float32, torch AdamW without fused or foreach kernels, nanoGPT's
+get_batch (a fresh memmap and one slice per row), loss.item() every step. Each trainer runs in a
+fresh process of its own, so neither inherits the other's heap or library settings.
 
     python benchmarks/bench_train.py                 # all shapes
     python benchmarks/bench_train.py --shapes recipe # one shape
+    python benchmarks/bench_train.py --repeats 3     # alternate the trainers three times per shape
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,9 +105,9 @@ class RefGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
-def reference_step_seconds(shape: dict, vocab_size: int, tokens, seed: int = 1337) -> list[float]:
-    """Per-step wall time of the nanoGPT-style loop."""
-    from gptlab.data import RandomBatches
+def reference_step_seconds(shape: dict, vocab_size: int, data_dir: Path, seed: int = 1337) -> list[float]:
+    """Per-step wall time of the nanoGPT-style loop, its batch fetching included."""
+    import numpy as np
 
     torch.manual_seed(seed)
     c = dict(shape, vocab_size=vocab_size, bias=shape["tokenizer"] == "gpt2")
@@ -112,11 +116,21 @@ def reference_step_seconds(shape: dict, vocab_size: int, tokens, seed: int = 133
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=1e-3, betas=(0.9, 0.99), foreach=False, fused=False)
-    batches = RandomBatches(tokens, shape["block_size"], shape["batch_size"], seed)
+    dtype = np.dtype(json.loads((data_dir / "meta.json").read_text())["dtype"])
+    block, batch = shape["block_size"], shape["batch_size"]
+
+    def get_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        # as nanoGPT does it: a fresh memmap per batch, one slice per row, stacked
+        data = np.memmap(data_dir / "train.bin", dtype=dtype, mode="r")
+        ix = torch.randint(len(data) - block, (batch,))
+        x = torch.stack([torch.from_numpy(data[i:i + block].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block].astype(np.int64)) for i in ix])
+        return x, y
+
     times = []
     for _ in range(shape["warmup"] + shape["steps"]):
         t = time.perf_counter()
-        x, y = batches.next()
+        x, y = get_batch()
         loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,43 +157,74 @@ def ours_step_seconds(shape: dict, data_dir: Path, out: Path) -> tuple[list[floa
     from gptlab.config import ModelConfig
     from gptlab.model import GPT
 
-    vocab = __import__("json").loads((data_dir / "meta.json").read_text())["vocab_size"]
+    vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
     model = GPT(ModelConfig(**{**model_cfg.__dict__, "vocab_size": vocab}))
     return result.step_seconds[shape["warmup"]:], model.flops_per_token(), vocab
+
+
+def measure_in_child(trainer: str, name: str, data_dir: Path, tmp: Path, threads: int) -> dict:
+    """Run one trainer on one shape in a fresh process: neither inherits the other's heap or settings."""
+    cmd = [sys.executable, __file__, "--child", trainer, "--shapes", name, "--data-dir", str(data_dir),
+           "--tmp", str(tmp), "--threads", str(threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def child(trainer: str, name: str, data_dir: Path, tmp: Path) -> int:
+    shape = SHAPES[name]
+    if trainer == "gptlab":
+        times, flops_per_token, _ = ours_step_seconds(shape, data_dir, tmp / f"run-{name}")
+    else:
+        vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+        times, flops_per_token = reference_step_seconds(shape, vocab, data_dir), 0
+    print(json.dumps({"times": times, "flops_per_token": flops_per_token}))
+    return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="alternate the two trainers this many times per shape; the median step of all runs counts")
+    parser.add_argument("--child", choices=["gptlab", "nanoGPT"], help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.child:
+        return child(args.child, args.shapes[0], args.data_dir, args.tmp)
 
-    from gptlab.data import load_tokens, prepare
+    from gptlab.data import prepare
 
     peak = matmul_peak_gflops()
     print(f"torch {torch.__version__}, {args.threads} threads, float32 matmul peak {peak:,.0f} GFLOP/s (measured)")
+    print("each trainer runs in its own process; the ratio is gptlab's tokens/s over the reference's")
     print()
     header = f"{'shape':<11} {'trainer':<10} {'ms/iter':>9} {'tokens/s':>10} {'MFU':>6}   ratio"
     print(header)
     print("-" * len(header))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         prepared: dict[str, Path] = {}
         for name in args.shapes:
             shape = SHAPES[name]
             kind = shape["tokenizer"]
             if kind not in prepared:
-                prepared[kind] = prepare(["shakespeare"], kind, Path(tmp) / f"data-{kind}", log=lambda *a: None)
-            data_dir = prepared[kind]
-            ours, flops_per_token, vocab = ours_step_seconds(shape, data_dir, Path(tmp) / f"run-{name}")
-            ref = reference_step_seconds(shape, vocab, load_tokens(data_dir, "train"))
+                prepared[kind] = prepare(["shakespeare"], kind, tmp / f"data-{kind}", log=lambda *a: None)
+            times: dict[str, list[float]] = {"nanoGPT": [], "gptlab": []}
+            flops_per_token = 0
+            for _ in range(args.repeats):
+                for trainer in ("nanoGPT", "gptlab"):
+                    result = measure_in_child(trainer, name, prepared[kind], tmp, args.threads)
+                    times[trainer] += result["times"]
+                    flops_per_token = max(flops_per_token, result["flops_per_token"])
             tokens_per_step = shape["batch_size"] * shape["block_size"]
             rows = []
-            for label, times in (("nanoGPT", ref), ("gptlab", ours)):
-                step = statistics.median(times)
+            for label in ("nanoGPT", "gptlab"):
+                step = statistics.median(times[label])
                 tps = tokens_per_step / step
-                mfu = flops_per_token * tps / (peak * 1e9)
-                rows.append((label, step, tps, mfu))
+                rows.append((label, step, tps, flops_per_token * tps / (peak * 1e9)))
             for label, step, tps, mfu in rows:
                 ratio = f"{tps / rows[0][2]:.2f}x" if label == "gptlab" else ""
                 print(f"{name:<11} {label:<10} {step * 1e3:>9.1f} {tps:>10,.0f} {mfu:>6.1%}   {ratio}")
