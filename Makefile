@@ -40,7 +40,7 @@ browser:
 	fi
 
 demo: install
-	$(VENV)/bin/gptlab train $(DATA) --tokenizer char --preset cpu-tiny --out runs/demo --overwrite
+	$(VENV)/bin/gptlab train $(DATA) --tokenizer char --preset cpu-quick --out runs/demo --overwrite
 
 test: install browser
 	$(PY) -m pytest -q

@@ -19,11 +19,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+_MUON = "--optimizer muon --learning-rate 3e-3 --warmup-iters 50"
 # Flags beyond `--tokenizer char --time BUDGET`. "recipe" is nanoGPT's CPU recipe with its
 # schedule laid over the budget.
 CANDIDATES: dict[str, list[str]] = {
     "recipe": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12 --learning-rate 1e-3 --warmup-iters 100".split(),
     "cpu-tiny": "--preset cpu-tiny".split(),
+    "cpu-quick": "--preset cpu-quick".split(),
     "cpu-small": "--preset cpu-small".split(),  # fast-g's settings since they won the 5-minute search
     "fast-a": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12 --learning-rate 2e-3 --warmup-iters 50".split(),
     "fast-b": "--n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 16 --learning-rate 3e-3 --warmup-iters 50".split(),
@@ -36,6 +38,18 @@ CANDIDATES: dict[str, list[str]] = {
     "small-b": "--n-layer 4 --n-head 4 --n-embd 256 --block-size 128 --batch-size 24 --learning-rate 2e-3 --warmup-iters 100".split(),
     "small-c": "--n-layer 6 --n-head 8 --n-embd 256 --block-size 128 --batch-size 16 --learning-rate 1.5e-3 --warmup-iters 100".split(),
     "small-d": "--n-layer 4 --n-head 4 --n-embd 192 --block-size 128 --batch-size 32 --learning-rate 3e-3 --warmup-iters 100".split(),
+    # Muon for the blocks' matrices (AdamW at --learning-rate for the rest)
+    "muon-a": f"{_MUON} --muon-lr 0.02 --n-layer 3 --n-head 4 --n-embd 128 --block-size 64 --batch-size 16".split(),
+    "muon-b": f"{_MUON} --muon-lr 0.03 --n-layer 3 --n-head 4 --n-embd 128 --block-size 64 --batch-size 16".split(),
+    "muon-c": f"{_MUON} --muon-lr 0.015 --n-layer 3 --n-head 4 --n-embd 128 --block-size 64 --batch-size 16".split(),
+    "muon-d": f"{_MUON} --muon-lr 0.01 --n-layer 3 --n-head 4 --n-embd 128 --block-size 64 --batch-size 16".split(),
+    "muon-e": f"{_MUON} --muon-lr 0.015 --n-layer 3 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12".split(),
+    "muon-f": f"{_MUON} --muon-lr 0.02 --n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 16".split(),
+    "muon-g": f"{_MUON} --muon-lr 0.02 --n-layer 2 --n-head 4 --n-embd 192 --block-size 64 --batch-size 16".split(),
+    "muon-s1": f"{_MUON} --muon-lr 0.015 --n-layer 4 --n-head 4 --n-embd 128 --block-size 128 --batch-size 12".split(),
+    "muon-s2": f"{_MUON} --muon-lr 0.015 --n-layer 4 --n-head 4 --n-embd 192 --block-size 128 --batch-size 12".split(),
+    "muon-s3": f"{_MUON} --muon-lr 0.015 --n-layer 3 --n-head 4 --n-embd 128 --block-size 64 --batch-size 16".split(),
+    "muon-s4": f"{_MUON} --muon-lr 0.015 --n-layer 6 --n-head 6 --n-embd 192 --block-size 128 --batch-size 12".split(),
 }
 
 

@@ -19,11 +19,21 @@ def test_the_shape_grows_with_the_corpus_on_a_cpu():
     small, middle, large = (choose(n, "cpu", set()) for n in (20_000, 300_000, 1_000_000))
     sizes = [ModelConfig(**c.model).num_params(65) for c in (small, middle, large)]
     assert sizes[0] < sizes[1] <= sizes[2]
-    assert middle.model == get_preset("cpu-tiny")["model"]
+    assert middle.model == get_preset("cpu-quick")["model"]
     assert large.model == get_preset("cpu-small")["model"]
     assert large.train["learning_rate"] == get_preset("cpu-small")["train"]["learning_rate"]
     assert all(c.train["time"] == "5m" for c in (small, middle, large))
     assert "1,000,000 training tokens" in large.reason and "5m" in large.reason
+
+
+def test_a_short_cpu_budget_gets_the_quick_shape():
+    long, short = choose(1_000_000, "cpu", {"time"}, 300.0), choose(1_000_000, "cpu", {"time"}, 43.0)
+    assert long.model == get_preset("cpu-small")["model"]
+    assert short.model == get_preset("cpu-quick")["model"]
+    assert short.train["optimizer"] == "muon" and "time" not in short.train  # the user's own budget stands
+    assert "under 2 minutes" in short.reason
+    assert choose(20_000, "cpu", {"time"}, 43.0).model["n_embd"] == 64  # a tiny corpus keeps its tiny model
+    assert choose(1_000_000, "cuda", {"time"}, 43.0).model == get_preset("char-small")["model"]  # GPUs are fast enough
 
 
 def test_a_gpu_gets_a_bigger_model_and_its_own_budget():

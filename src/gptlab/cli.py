@@ -235,11 +235,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def size_to_data(overrides: dict[str, Any], data_dir: Any, device: str, quiet: bool) -> dict[str, Any]:
     """`overrides` plus the model shape and budget that `gptlab.sizing` picks for this data and machine."""
+    from gptlab.config import parse_duration
     from gptlab.sizing import choose
     from gptlab.train import autodetect_device
 
     meta = json.loads((Path(str(data_dir)) / "meta.json").read_text(encoding="utf-8"))
-    choice = choose(int(meta["train_tokens"]), autodetect_device(device).type, set(overrides))
+    budget = parse_duration(overrides["time"]) if overrides.get("time") else None
+    choice = choose(int(meta["train_tokens"]), autodetect_device(device).type, set(overrides), budget)
     if choice is None:
         return overrides
     if not quiet:

@@ -8,6 +8,9 @@ Design choices:
 - The shape grows with the corpus in steps taken from the presets tuned for this budget: a model
   with far more parameters than training tokens memorises its corpus instead of learning it (a
   124M model on 1 MB of text reaches a train loss near 0.1 while its val loss climbs).
+- A short CPU budget (under 2 minutes, given with --time) gets the small, fast `cpu-quick` shape
+  whatever the corpus: in 43 s it learns more than `cpu-small`, whose larger steps pay off only
+  over minutes (benchmarks/README.md has the timed search).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size")
 LENGTH = ("max_iters", "epochs", "time")
 CPU_BUDGET, GPU_BUDGET = "5m", "10m"
+SHORT_CPU_BUDGET_SEC = 120.0
 # Flagged: more parameters than this many per unique training token. nanoGPT's char-small (10.7M
 # parameters on 1M characters, 10 per token) overfits within its 5000 steps; 2-3 per token does not.
 MEMORISE_RATIO = 5.0
@@ -37,7 +41,7 @@ class Choice:
 CPU_TIERS: list[tuple[int, str, dict[str, Any], dict[str, Any]]] = [
     (0, "micro", dict(n_layer=2, n_head=2, n_embd=64, block_size=64, dropout=0.1),
      dict(batch_size=16, learning_rate=2e-3, warmup_iters=50, eval_interval=100)),
-    (150_000, "cpu-tiny", {}, {}),
+    (150_000, "cpu-quick", {}, {}),
     (600_000, "cpu-small", {}, {}),
 ]
 GPU_TIERS: list[tuple[int, str, dict[str, Any], dict[str, Any]]] = [
@@ -47,8 +51,11 @@ GPU_TIERS: list[tuple[int, str, dict[str, Any], dict[str, Any]]] = [
 ]
 
 
-def choose(train_tokens: int, device_type: str, given: set[str]) -> Choice | None:
-    """Model and length settings for `train_tokens` of training text on `device_type`; None if all were given."""
+def choose(train_tokens: int, device_type: str, given: set[str], budget_sec: float | None = None) -> Choice | None:
+    """Model and length settings for `train_tokens` of training text on `device_type`; None if all were given.
+
+    `budget_sec` is the user's own --time, if any; the shape then fits that budget.
+    """
     from gptlab.config import get_preset, preset_names
 
     pick_model = not (given & set(MODEL_SHAPE))
@@ -58,6 +65,9 @@ def choose(train_tokens: int, device_type: str, given: set[str]) -> Choice | Non
     on_gpu = device_type in ("cuda", "mps")
     tiers = GPU_TIERS if on_gpu else CPU_TIERS
     _, name, model, train = [t for t in tiers if t[0] <= train_tokens][-1]
+    short = not on_gpu and budget_sec is not None and budget_sec < SHORT_CPU_BUDGET_SEC
+    if short and name != "micro":
+        name, model, train = "cpu-quick", {}, {}
     if name in preset_names():
         preset = get_preset(name)
         model, train = {**preset["model"], **model}, {**preset["train"], **train}
@@ -74,6 +84,7 @@ def choose(train_tokens: int, device_type: str, given: set[str]) -> Choice | Non
         parts.append(
             f"the {name} shape ({model['n_layer']} layers, {model['n_embd']} wide, context {model['block_size']}) "
             f"for {train_tokens:,} training tokens on {'a GPU' if on_gpu else 'the CPU'}"
+            + (" and a budget under 2 minutes" if short and name == "cpu-quick" else "")
         )
     if pick_length:
         parts.append(f"a {budget} budget (give --max-iters, --epochs or --time to choose)")
