@@ -86,3 +86,20 @@ def test_weight_decay_groups_split_matrices_from_vectors():
     decay, no_decay = model.optimizer_groups(0.1)
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+
+
+def test_vocab_padded_output_head_is_the_same_maths():
+    from gptlab.model import padded_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w = torch.randn(65, 16, requires_grad=True)
+    padded = padded_linear(x, w)
+    assert padded.shape == (2, 5, 65)
+    plain = torch.nn.functional.linear(x, w)
+    assert torch.allclose(padded, plain, atol=1e-6)
+    g = torch.randn(2, 5, 65)
+    (gx, gw) = torch.autograd.grad(padded, (x, w), g)
+    (px, pw) = torch.autograd.grad(plain, (x, w), g)
+    assert torch.allclose(gx, px, atol=1e-5) and torch.allclose(gw, pw, atol=1e-5)
+    assert padded_linear(x, w[:64]).is_contiguous()  # already a multiple: no padding, no view

@@ -8,7 +8,8 @@ Design choices:
 - Attention goes through `F.scaled_dot_product_attention` with `is_causal=True`: flash or
   memory-efficient kernels where the device has them; the causal mask is implicit.
 - `forward(idx)` always returns logits for every position, (B, T, vocab); the loss is computed by
-  the caller, so the output never changes shape with the arguments.
+  the caller, so the output never changes shape with the arguments. Training on a GPU scores a
+  vocabulary padded to a multiple of 64 and returns the first `vocab` columns (a view).
 - Optional biases (nanoGPT found them unneeded for small models), optional dropout.
 - Generation has its own entry, `forward_cached(idx, cache)`: the same blocks written out flat with
   functional calls, reading and extending a KV cache (the engine's `KVCache`: `pos`, `advance(n)`,
@@ -136,6 +137,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
+        if self.training and x.is_cuda:
+            return padded_linear(x, self.lm_head.weight)
         return self.lm_head(x)  # (B, T, vocab_size)
 
     def forward_cached(self, idx: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -210,6 +213,18 @@ class GPT(nn.Module):
         c = self.config
         n = self.num_params() - c.block_size * c.n_embd
         return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def padded_linear(x: torch.Tensor, weight: torch.Tensor, multiple: int = 64) -> torch.Tensor:
+    """x @ weight.T, computed against weight padded with zero rows to a multiple of `multiple`.
+
+    GPU matmuls want a vocabulary that is a multiple of 64 (50257 -> 50304); the padded scores are
+    cut off again (a view), so the maths and the stored weights stay those of the real vocabulary.
+    """
+    rows = weight.size(0)
+    if rows % multiple == 0:
+        return F.linear(x, weight)
+    return F.linear(x, F.pad(weight, (0, 0, 0, -rows % multiple)))[..., :rows]
 
 
 def _linear(
