@@ -198,9 +198,12 @@ class GPT(nn.Module):
 
     _decode: Any = None
 
-    def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW parameter groups: decay matrices and embeddings, not biases or LayerNorm gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
+    def optimizer_groups(self, weight_decay: float, exclude: frozenset[int] = frozenset()) -> list[dict]:
+        """AdamW parameter groups: decay matrices and embeddings, not biases or LayerNorm gains.
+
+        `exclude` holds the `id()`s of parameters another optimizer takes care of.
+        """
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in exclude]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         return [

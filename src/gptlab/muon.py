@@ -105,10 +105,6 @@ class OptimizerSet:
     def param_groups(self) -> list[dict]:
         return [group for opt in self.optimizers for group in opt.param_groups]
 
-    @property
-    def state(self) -> dict:
-        return {k: v for opt in self.optimizers for k, v in opt.state.items()}
-
     def step(self) -> None:
         for opt in self.optimizers:
             opt.step()

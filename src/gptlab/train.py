@@ -136,12 +136,7 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Any:
         qkv = [p for n, p in in_blocks if n.endswith("attn.c_attn.weight")]
         other = [p for n, p in in_blocks if not n.endswith("attn.c_attn.weight")]
         muon = Muon([{"params": qkv, "split": 3}, {"params": other}], lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
-        taken = {id(p) for _, p in in_blocks}
-        rest = [p for _, p in named if id(p) not in taken]
-        groups = [
-            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-        ]
+        groups = model.optimizer_groups(cfg.weight_decay, exclude=frozenset(id(p) for _, p in in_blocks))
         return OptimizerSet(muon, _adamw(groups, device, kwargs))
     return _adamw(model.optimizer_groups(cfg.weight_decay), device, kwargs)
 
