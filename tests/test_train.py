@@ -11,7 +11,15 @@ import torch
 
 from gptlab.checkpoint import read_weights
 from gptlab.config import resolve_config
-from gptlab.train import cpu_has_native_bf16, learning_rate, resolve_dtype, run_summary, train
+from gptlab.train import (
+    CPU_COMPILE_MIN_BUDGET_SEC,
+    compile_wanted,
+    cpu_has_native_bf16,
+    learning_rate,
+    resolve_dtype,
+    run_summary,
+    train,
+)
 
 from .conftest import TINY_MODEL
 
@@ -147,3 +155,25 @@ def test_time_budget_stops_on_the_clock_and_decays_over_it(tmp_path, char_data):
         rows = list(csv.DictReader(f))
     assert [r["step"] for r in rows] == ["0", str(result.steps)]  # a final evaluation when time is up
     assert float(rows[-1]["lr"]) == pytest.approx(3e-4, rel=0.05)  # decayed to the floor with the clock
+
+
+def test_compile_auto_is_on_for_cuda_and_for_long_cpu_budgets_only():
+    assert compile_wanted("auto", "cuda", 0.0)
+    assert not compile_wanted("auto", "cpu", 0.0)  # a step count: the run may be over before compile pays
+    assert not compile_wanted("auto", "cpu", 5 * 60)
+    assert compile_wanted("auto", "cpu", CPU_COMPILE_MIN_BUDGET_SEC)
+    assert not compile_wanted("auto", "mps", 10 * CPU_COMPILE_MIN_BUDGET_SEC)
+    assert compile_wanted("on", "cpu", 0.0) and not compile_wanted("off", "cuda", 0.0)
+
+
+@pytest.mark.slow
+def test_compiled_cpu_training_follows_the_eager_run(tmp_path, char_data, capsys):
+    eager = train(*tiny_cfg(char_data, tmp_path / "eager", max_iters=8, num_samples=0, compile="off"), quiet=True)
+    compiled = train(*tiny_cfg(char_data, tmp_path / "compiled", max_iters=8, num_samples=0, compile="on"))
+    printed = capsys.readouterr()
+    assert "compiled" in printed.out and "torch.compile" not in printed.err  # no fallback to eager
+    we, _ = read_weights(tmp_path / "eager" / "last.safetensors")
+    wc, _ = read_weights(tmp_path / "compiled" / "last.safetensors")
+    for k in we:  # the same maths, summed in another order
+        assert torch.allclose(we[k], wc[k], atol=1e-4), k
+    assert compiled.final_val_loss == pytest.approx(eager.final_val_loss, abs=1e-3)

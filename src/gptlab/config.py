@@ -108,7 +108,7 @@ class TrainConfig:
     stride: int = _help("sliding-window stride in tokens; 0 = the context length", default=0)
     device: str = _help("auto, cpu, cuda, cuda:N or mps", default="auto")
     dtype: str = _help("auto, float32, bfloat16 or float16 (autocast; float16 uses a grad scaler)", default="auto")
-    compile: str = _help("torch.compile: auto (on for CUDA, off elsewhere), on or off", default="auto")
+    compile: str = _help("torch.compile: auto (on for CUDA, and on a CPU for --time of 30m or more), on or off", default="auto")
     seed: int = _help("random seed for weights, batches and dropout", default=1337)
     deterministic: bool = _help("reproducible kernels (torch.use_deterministic_algorithms); slower on GPU", default=False)
     nan_patience: int = _help("non-finite steps in a row before rolling back to the last checkpoint", default=3)
