@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 TRAINER_COMPILED = "gptlab compiled"  # `gptlab train --compile on`
+OURS = {"off": ["gptlab"], "on": [TRAINER_COMPILED], "both": ["gptlab", TRAINER_COMPILED]}  # by --compile
 
 SHAPES = {
     "recipe": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, tokenizer="char", steps=150, warmup=15),
@@ -151,7 +152,7 @@ def reference_step_seconds(shape: dict, vocab_size: int, data_dir: Path, seed: i
     return times[shape["warmup"]:]
 
 
-def ours_step_seconds(shape: dict, data_dir: Path, out: Path, compile: str = "off") -> tuple[list[float], int, int]:
+def ours_step_seconds(shape: dict, data_dir: Path, out: Path, compile: str = "off") -> list[float]:
     """Per-step wall time of gptlab's own training loop (evaluation time and the warm-up steps, in
     which `torch.compile` does its work, excluded)."""
     from gptlab.config import resolve_config
@@ -164,32 +165,39 @@ def ours_step_seconds(shape: dict, data_dir: Path, out: Path, compile: str = "of
         compile=compile, dtype="float32",
     )
     model_cfg, cfg = resolve_config(None, None, overrides)
-    result = train(model_cfg, cfg, quiet=True, overwrite=True)
+    return train(model_cfg, cfg, quiet=True, overwrite=True).step_seconds[shape["warmup"]:]
+
+
+def flops_per_token(shape: dict, vocab_size: int) -> int:
+    """Training FLOPs per token of the model both trainers train at `shape`."""
     from gptlab.config import ModelConfig
     from gptlab.model import GPT
 
-    vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
-    model = GPT(ModelConfig(**{**model_cfg.__dict__, "vocab_size": vocab}))
-    return result.step_seconds[shape["warmup"]:], model.flops_per_token(), vocab
+    config = ModelConfig(n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"],
+                         block_size=shape["block_size"], vocab_size=vocab_size, bias=shape["tokenizer"] == "gpt2")
+    with torch.device("meta"):  # the count needs the shapes only
+        return GPT(config).flops_per_token()
 
 
-def measure_in_child(trainer: str, name: str, data_dir: Path, tmp: Path, threads: int) -> dict:
+def measure_in_child(trainer: str, name: str, data_dir: Path, tmp: Path, threads: int) -> list[float]:
     """Run one trainer on one shape in a fresh process: neither inherits the other's heap or settings."""
     cmd = [sys.executable, __file__, "--child", trainer, "--shapes", name, "--data-dir", str(data_dir),
            "--tmp", str(tmp), "--threads", str(threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])["times"]
+
+
+def vocab_size(data_dir: Path) -> int:
+    return json.loads((data_dir / "meta.json").read_text())["vocab_size"]
 
 
 def child(trainer: str, name: str, data_dir: Path, tmp: Path) -> int:
     shape = SHAPES[name]
-    if trainer.startswith("gptlab"):
-        compile = "on" if trainer == TRAINER_COMPILED else "off"
-        times, flops_per_token, _ = ours_step_seconds(shape, data_dir, tmp / f"run-{name}", compile)
+    if trainer == "nanoGPT":
+        times = reference_step_seconds(shape, vocab_size(data_dir), data_dir)
     else:
-        vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
-        times, flops_per_token = reference_step_seconds(shape, vocab, data_dir), 0
-    print(json.dumps({"times": times, "flops_per_token": flops_per_token}))
+        times = ours_step_seconds(shape, data_dir, tmp / f"run-{name}", "on" if trainer == TRAINER_COMPILED else "off")
+    print(json.dumps({"times": times}))
     return 0
 
 
@@ -199,7 +207,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=1,
                         help="alternate the trainers this many times per shape; each trainer's fastest run counts")
-    parser.add_argument("--compile", choices=["off", "on", "both"], default="both",
+    parser.add_argument("--compile", choices=list(OURS), default="both",
                         help="gptlab eagerly, with --compile on, or both (default), each its own row")
     parser.add_argument("--child", choices=["gptlab", TRAINER_COMPILED, "nanoGPT"], help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
@@ -226,15 +234,13 @@ def main() -> int:
             kind = shape["tokenizer"]
             if kind not in prepared:
                 prepared[kind] = prepare(["shakespeare"], kind, tmp / f"data-{kind}", log=lambda *a: None)
-            trainers = ["nanoGPT"] + {"off": ["gptlab"], "on": [TRAINER_COMPILED]}.get(
-                args.compile, ["gptlab", TRAINER_COMPILED])
+            trainers = ["nanoGPT", *OURS[args.compile]]
             run_medians: dict[str, list[float]] = {trainer: [] for trainer in trainers}
-            flops_per_token = 0
             for _ in range(args.repeats):
                 for trainer in trainers:
-                    result = measure_in_child(trainer, name, prepared[kind], tmp, args.threads)
-                    run_medians[trainer].append(statistics.median(result["times"]))
-                    flops_per_token = max(flops_per_token, result["flops_per_token"])
+                    times = measure_in_child(trainer, name, prepared[kind], tmp, args.threads)
+                    run_medians[trainer].append(statistics.median(times))
+            flops = flops_per_token(shape, vocab_size(prepared[kind]))
             tokens_per_step = shape["batch_size"] * shape["block_size"]
             rows = []
             # the peak moves with the machine's load too: its best reading so far counts
@@ -242,7 +248,7 @@ def main() -> int:
             for label in trainers:
                 step = min(run_medians[label])
                 tps = tokens_per_step / step
-                rows.append((label, step, tps, flops_per_token * tps / (peak * 1e9)))
+                rows.append((label, step, tps, flops * tps / (peak * 1e9)))
             for label, step, tps, mfu in rows:
                 ratio = f"{tps / rows[0][2]:.2f}x" if label != "nanoGPT" else ""
                 runs = " ".join(f"{m * 1e3:.1f}" for m in run_medians[label])
