@@ -15,9 +15,9 @@ import torch
 
 from gptlab import cli
 from gptlab.config import ModelConfig, resolve_config
-from gptlab.export import export
 from gptlab.generation import load
-from gptlab.hf_import import load_init
+from gptlab.hf.export import export
+from gptlab.hf.init import load_init
 from gptlab.tokenizer import load_tokenizer
 
 from .conftest import TINY_MODEL
@@ -163,8 +163,8 @@ def test_export_refuses_a_non_empty_folder_and_overwrite_replaces_it_whole(runs,
 
 
 def test_a_failed_export_leaves_the_previous_one(runs, tmp_path, monkeypatch):
-    from gptlab import export as export_module
     from gptlab.errors import GptlabError
+    from gptlab.hf import export as export_module
 
     out = export(runs["char"], tmp_path / "out")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -241,11 +241,17 @@ def test_push_offline_says_the_hub_cannot_be_reached(exported, tmp_path):
 
 
 def test_push_needs_no_torch_and_export_knows_the_run_file_names():
-    from gptlab import checkpoint
-    from gptlab import export as export_module
+    from gptlab import rundir as checkpoint
+    from gptlab.hf import card as export_module
 
     assert (export_module.LOSS_PLOT, export_module.SAMPLES) == (checkpoint.LOSS_PLOT, checkpoint.SAMPLES)
-    assert export_module.CHECKPOINT_FILES == (checkpoint.BEST, checkpoint.LAST, checkpoint.TRAIN_STATE)
-    r = subprocess.run([sys.executable, "-c", "import sys, gptlab.export; assert 'torch' not in sys.modules"],
+    assert rundir_checkpoint_files() == (checkpoint.BEST, checkpoint.LAST, checkpoint.TRAIN_STATE)
+    r = subprocess.run([sys.executable, "-c", "import sys, gptlab.hf.hub; assert 'torch' not in sys.modules"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def rundir_checkpoint_files() -> tuple[str, ...]:
+    from gptlab.hf import export as export_module
+
+    return export_module.CHECKPOINT_FILES

@@ -20,8 +20,9 @@ from gptlab.copycheck import NgramIndex, check_copying
 from gptlab.data import load_tokens
 from gptlab.errors import GptlabError
 from gptlab.evaluate import evaluate, score_tokens, window_plan
-from gptlab.generation import SampleText, TextModel, plot_temperature, token_byte_lengths
+from gptlab.generation import SampleText, TextModel, token_byte_lengths
 from gptlab.model import GPT
+from gptlab.report import plot_temperature
 from gptlab.tokenizer import CharTokenizer, GPT2Tokenizer
 
 PROMPT = "naïve café — 日本語"

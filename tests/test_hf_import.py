@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from gptlab import cli
-from gptlab.checkpoint import read_metrics
 from gptlab.config import ModelConfig, resolve_config
 from gptlab.engine import generate
 from gptlab.generation import load
-from gptlab.hf_import import expected_shapes, load_init
+from gptlab.hf.init import load_init
 from gptlab.model import GPT
+from gptlab.rundir import read_metrics
 from gptlab.tokenizer import load_tokenizer
 from gptlab.train import train
 
@@ -81,7 +81,7 @@ def test_expected_shapes_are_what_the_model_saves(bias):
     from gptlab.checkpoint import state_dict_for_saving
 
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11, bias=bias)
-    assert expected_shapes(cfg) == {k: tuple(v.shape) for k, v in state_dict_for_saving(GPT(cfg)).items()}
+    assert cfg.param_shapes() == {k: tuple(v.shape) for k, v in state_dict_for_saving(GPT(cfg)).items()}
 
 
 def test_imported_logits_equal_transformers(hf_gpt2, gpt2_data, one_thread):
@@ -132,7 +132,7 @@ def test_fine_tuning_an_imported_gpt2_lowers_the_loss(tmp_path, gpt2_data, one_t
         data=str(gpt2_data), init_from=str(folder), out=str(tmp_path / "ft"), batch_size=4, max_iters=12,
         eval_interval=6, eval_iters=2, learning_rate=3e-3, warmup_iters=2, num_samples=0,
     ))
-    result = train(model_cfg, cfg, quiet=True)
+    result = train(model_cfg, cfg, quiet=True, init=load_init(folder, model_cfg, load_tokenizer(gpt2_data)))
     rows = read_metrics(result.run_dir)
     assert rows[0]["step"] == 0 and rows[-1]["step"] == 12
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.5, rows

@@ -11,15 +11,9 @@ import torch
 
 from gptlab.checkpoint import read_weights
 from gptlab.config import resolve_config
-from gptlab.train import (
-    CPU_COMPILE_MIN_BUDGET_SEC,
-    compile_wanted,
-    cpu_has_native_bf16,
-    learning_rate,
-    resolve_dtype,
-    run_summary,
-    train,
-)
+from gptlab.device import cpu_has_native_bf16, resolve_dtype
+from gptlab.rundir import run_summary
+from gptlab.train import CPU_COMPILE_MIN_BUDGET_SEC, compile_wanted, learning_rate, train
 
 from .conftest import TINY_MODEL
 

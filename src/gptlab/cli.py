@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from dataclasses import MISSING, fields
-from pathlib import Path
 from typing import Any
 
 from gptlab.errors import GptlabError, TrainingInterrupted
@@ -26,23 +25,27 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per dataclass field, typed, with the field's help and default."""
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = (),
+                     aliases: dict[str, str] | None = None) -> None:
+    """One --flag per dataclass field, typed, with the field's help and default; nothing set unless given."""
     group = parser.add_argument_group(title)
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
+        names = [flag] + ([aliases[f.name]] if aliases and f.name in aliases else [])
         default = f.default if f.default is not MISSING else None
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
-        names = [flag] + (["--lr"] if f.name == "learning_rate" else [])
-        kind = TYPES[str(f.type)]
-        if kind is bool:
+        about = f.metadata.get("help", "")
+        kind = str(f.type).split(" |")[0]
+        if kind.startswith("tuple"):  # a list of texts: the flag is given once per item
+            group.add_argument(*names, dest=f.name, action="append", default=argparse.SUPPRESS, metavar="TEXT",
+                               help=f"{about}; give it again for more".replace("%", "%%"))
+        elif kind == "bool":
             group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_text)
+                               default=argparse.SUPPRESS, help=f"{about} (default: {default!r})".replace("%", "%%"))
         else:
-            group.add_argument(*names, dest=f.name, type=kind, default=argparse.SUPPRESS,
-                               metavar=f.name.upper(), help=help_text)
+            group.add_argument(*names, dest=f.name, type=TYPES[kind], default=argparse.SUPPRESS,
+                               metavar=f.name.upper(), help=f"{about} (default: {default!r})".replace("%", "%%"))
 
 
 def config_overrides(args: argparse.Namespace, *classes: type) -> dict[str, Any]:
@@ -86,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
                    help="with --nproc and --nnodes: where the machines meet (the first machine's address and a free port)")
     add_config_flags(t, ModelConfig, "model")
-    add_config_flags(t, TrainConfig, "training")
+    add_config_flags(t, TrainConfig, "training", aliases={"learning_rate": "--lr"})
 
     i = sub.add_parser("info", help="describe a run folder, or what a preset would build")
     i.add_argument("run", nargs="?", help="run folder")
@@ -108,16 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="n-gram length in tokens for --check-copying (default: 8)")
     s.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
-    group = s.add_argument_group("sampling")
-    for f in fields(SampleConfig):  # one flag per field, like the training flags
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")
-        if f.name == "stop":
-            group.add_argument(flag, dest=f.name, action="append", default=argparse.SUPPRESS, metavar="TEXT",
-                               help=f"{f.metadata['help']}; give it again for more")
-        else:
-            group.add_argument(flag, dest=f.name, type=float if f.type == "float" else int, default=argparse.SUPPRESS,
-                               metavar=f.name.upper(), help=help_text)
+    add_config_flags(s, SampleConfig, "sampling")
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on text",
                        description="Score a run on its own val split, a prepared data folder's val split, or a text file.")
@@ -172,13 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default: 8000)")
     sv.add_argument("--api-key", default=os.environ.get("GPTLAB_API_KEY"),
                     help="require Authorization: Bearer KEY on /v1 and this key on the page (default: $GPTLAB_API_KEY, else none)")
-    for name, text in (("max_new_tokens_limit", "ceiling on max_tokens per request"),
-                       ("max_prompt_chars", "longest prompt, in characters"),
-                       ("max_n", "most samples per request (n)"),
-                       ("concurrency", "generations running at once, per model"),
-                       ("queue_size", "requests waiting per model before 429")):
-        default = getattr(Limits, name)
-        sv.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=f"{text} (default: {default})")
+    add_config_flags(sv, Limits, "limits")
     sv.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
     return parser
@@ -195,58 +183,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from gptlab import distributed
-    from gptlab.config import ModelConfig, TrainConfig, resolve_config
-    from gptlab.data import default_data_dir, matches_sources, prepare, resolve_inputs
-    from gptlab.train import train
+    from gptlab.config import ModelConfig, TrainConfig
+    from gptlab.pipeline import run_training, training_settings
 
     overrides = config_overrides(args, ModelConfig, TrainConfig)
-    config_file = args.config
-    if args.resume:
-        from gptlab.checkpoint import CONFIG
-
-        if not os.path.isfile(os.path.join(args.resume, CONFIG)):
-            raise GptlabError(f"--resume {args.resume}: no run there (no {CONFIG}); give the folder of an earlier run")
-        if args.preset or args.config:
-            raise GptlabError("--resume takes its settings from the run's config.json; drop --preset/--config")
-        config_file = os.path.join(args.resume, CONFIG)
-        overrides["out"] = args.resume
-    model_cfg, train_cfg = resolve_config(args.preset, config_file, overrides)
+    training_settings(args.preset, args.config, args.resume, overrides)  # every bad setting is reported here
     if (args.nproc, args.nnodes, args.rdzv_endpoint) != (None, None, None) and not distributed.launched():
         return distributed.launch(args.nproc, args.argv, args.nnodes, args.rdzv_endpoint)
-    if args.inputs:
-        if "data" in overrides:
-            raise GptlabError("give either text to train on or --data, not both")
-        name, _ = resolve_inputs(args.inputs)
-        data_dir = default_data_dir(name, train_cfg.tokenizer)
-        with distributed.main_first():  # under torchrun, rank 0 prepares and the others find it ready
-            if matches_sources(data_dir, args.inputs, train_cfg.tokenizer, train_cfg.val_fraction):
-                if distributed.is_main():
-                    print(f"using prepared data in {data_dir}")
-            else:
-                prepare(args.inputs, train_cfg.tokenizer, data_dir, train_cfg.val_fraction,
-                        log=(lambda *a: None) if args.quiet or not distributed.is_main() else print)
-        overrides["data"] = str(data_dir)
-        if not (args.preset or args.config or args.resume):
-            overrides = size_to_data(overrides, data_dir, train_cfg.device, quiet=args.quiet or not distributed.is_main())
-        model_cfg, train_cfg = resolve_config(args.preset, config_file, overrides)
-    train(model_cfg, train_cfg, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet)
+    run_training(args.inputs, overrides, args.preset, args.config, args.resume, args.overwrite, args.quiet)
     return 0
-
-
-def size_to_data(overrides: dict[str, Any], data_dir: Any, device: str, quiet: bool) -> dict[str, Any]:
-    """`overrides` plus the model shape and budget that `gptlab.sizing` picks for this data and machine."""
-    from gptlab.config import parse_duration
-    from gptlab.sizing import choose
-    from gptlab.train import autodetect_device
-
-    meta = json.loads((Path(str(data_dir)) / "meta.json").read_text(encoding="utf-8"))
-    budget = parse_duration(overrides["time"]) if overrides.get("time") else None
-    choice = choose(int(meta["train_tokens"]), autodetect_device(device).type, set(overrides), budget)
-    if choice is None:
-        return overrides
-    if not quiet:
-        print(choice.reason)
-    return {**choice.model, **choice.train, **overrides}
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -275,7 +220,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     if not args.run:
         raise GptlabError("give a run folder (gptlab info runs/x) or --preset NAME")
-    from gptlab.train import run_summary
+    from gptlab.rundir import run_summary
 
     info = run_summary(args.run)
     if args.json:
@@ -376,8 +321,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     if args.kind == "loss":
-        from gptlab.checkpoint import read_run_config
         from gptlab.report import plot_losses
+        from gptlab.rundir import read_run_config
 
         read_run_config(args.run)  # a clear error when it is not a run folder
         path = plot_losses(args.run)
@@ -393,7 +338,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise GptlabError(f"--temperatures must each be > 0, got {args.temperatures!r}")
     if args.top < 1:
         raise GptlabError(f"--top must be an integer >= 1, got {args.top}")
-    from gptlab.generation import load, plot_temperature, unescape
+    from gptlab.generation import load, unescape
+    from gptlab.report import plot_temperature
 
     tm = load(args.run, args.checkpoint, args.device)
     path = plot_temperature(tm, unescape(args.prompt), args.out, temperatures, args.top)
@@ -402,7 +348,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gptlab.export import export
+    from gptlab.hf.export import export
 
     out = export(args.run, args.out, args.format, args.checkpoint, args.overwrite)
     if args.format == "space":
@@ -414,7 +360,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from gptlab.export import push
+    from gptlab.hf.hub import push
 
     url, files = push(args.folder, args.repo_id, private=args.private, space=args.space, dry_run=args.dry_run)
     total = sum(size for _, size in files)
@@ -431,8 +377,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from gptlab.serve.limits import Limits
 
-    limits = Limits(max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_chars=args.max_prompt_chars,
-                    max_n=args.max_n, concurrency=args.concurrency, queue_size=args.queue_size)
+    limits = Limits(**config_overrides(args, Limits))
     from gptlab.serve.app import serve
 
     serve(args.runs, host=args.host, port=args.port, api_key=args.api_key, limits=limits,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,19 +56,30 @@ class ModelConfig:
         if self.gelu_approximate not in ("none", "tanh"):
             raise GptlabError(f"--gelu-approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
 
+    def param_shapes(self, vocab_size: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Name and shape of every tensor the GPT of this config saves (the tied head once), without torch.
+
+        The one statement of the model's shape outside model.py: the importers, the exporters and the
+        parameter count read it, and a test holds it equal to the built model's state dict.
+        """
+        V, C = vocab_size or self.vocab_size, self.n_embd
+        shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (self.block_size, C)}
+        per_layer = {"ln_1": (C, C), "attn.c_attn": (3 * C, C), "attn.c_proj": (C, C), "ln_2": (C, C),
+                     "mlp.c_fc": (4 * C, C), "mlp.c_proj": (C, 4 * C)}
+        for layer in range(self.n_layer):
+            for module, (out, inp) in per_layer.items():
+                prefix = f"transformer.h.{layer}.{module}"
+                shapes[f"{prefix}.weight"] = (out,) if module.startswith("ln") else (out, inp)
+                if self.bias:
+                    shapes[f"{prefix}.bias"] = (out,)
+        shapes["transformer.ln_f.weight"] = (C,)
+        if self.bias:
+            shapes["transformer.ln_f.bias"] = (C,)
+        return shapes
+
     def num_params(self, vocab_size: int | None = None) -> int:
         """Parameter count (tied embedding counted once, position embeddings included)."""
-        V = vocab_size or self.vocab_size
-        C, T, L, b = self.n_embd, self.block_size, self.n_layer, int(self.bias)
-        layer_norm = C + b * C
-        per_block = (
-            2 * layer_norm
-            + C * 3 * C + b * 3 * C  # c_attn
-            + C * C + b * C  # attn.c_proj
-            + C * 4 * C + b * 4 * C  # c_fc
-            + 4 * C * C + b * C  # mlp.c_proj
-        )
-        return V * C + T * C + L * per_block + layer_norm
+        return sum(math.prod(shape) for shape in self.param_shapes(vocab_size).values())
 
 
 @dataclass
@@ -308,11 +319,6 @@ def resolve_config(
     return ModelConfig(**model), TrainConfig(**train)
 
 
-def config_to_dict(model: ModelConfig, train: TrainConfig) -> dict[str, Any]:
-    """The JSON-ready form written to a run's config.json."""
-    return {"model": asdict(model), "train": asdict(train)}
-
-
 @dataclass
 class SampleConfig:
     """How to sample: lengths, randomness, the sampling filters and where to stop."""
@@ -361,3 +367,7 @@ class SampleConfig:
             raise GptlabError(f"--seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GptlabError("--stop strings must be non-empty text")
+
+
+# How samples.txt, the model card and an export's generation_config.json sample (nanoGPT's sample.py).
+SAMPLES_SETTINGS = SampleConfig(temperature=0.8, top_k=200)

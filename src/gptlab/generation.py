@@ -33,14 +33,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from gptlab import checkpoint as ckpt
+from gptlab.checkpoint import load_weights_into
 from gptlab.config import ModelConfig, SampleConfig
+from gptlab.device import autodetect_device
 from gptlab.engine import Engine
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
+from gptlab.rundir import read_run_config, weights_path
 from gptlab.tokenizer import Tokenizer, load_tokenizer, start_ids
-
-TEMPERATURE_PLOT = "temperature.png"
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
@@ -227,73 +227,13 @@ def _config(config: SampleConfig | None, settings: dict[str, Any]) -> SampleConf
     return replace(config, **settings) if settings else config
 
 
-def weights_path(run_dir: Path, checkpoint: str) -> Path:
-    """The weights file a --checkpoint value names: best, last, or a path to a .safetensors file."""
-    if checkpoint == "best":
-        path = run_dir / ckpt.BEST
-        return path if path.is_file() else run_dir / ckpt.LAST
-    if checkpoint == "last":
-        return run_dir / ckpt.LAST
-    path = Path(checkpoint)
-    if path.suffix != ".safetensors":
-        raise GptlabError(f"--checkpoint must be best, last or a .safetensors file, got {checkpoint!r}")
-    return path
-
-
 def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto", slide: int | None = None) -> TextModel:
     """Load a run folder (config, tokenizer, weights) ready to generate text."""
-    from gptlab.train import autodetect_device
-
     run_dir = Path(run_dir)
-    model_cfg, train_cfg, _ = ckpt.read_run_config(run_dir)
+    model_cfg, train_cfg, _ = read_run_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
     path = weights_path(run_dir, checkpoint)
     model = GPT(model_cfg)
-    ckpt.load_weights_into(model, path)
+    load_weights_into(model, path)
     model.to(autodetect_device(device))
     return TextModel(model, tokenizer, run_dir=run_dir, data_dir=train_cfg.data, slide=slide)
-
-
-def token_label(tokenizer: Tokenizer, token: int) -> str:
-    """A short printable name for a token: whitespace made visible, partial characters as bytes."""
-    text = tokenizer.decode([token])
-    if "\ufffd" in text:
-        return repr(tokenizer.token_bytes(token))[1:]
-    return text.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t") or repr(text)
-
-
-def plot_temperature(
-    tm: TextModel, prompt: str = "", path: str | Path | None = None,
-    temperatures: tuple[float, ...] = (0.1, 1.0, 5.0), top: int = 20,
-) -> Path:
-    """Draw the next-token distribution after `prompt` at several temperatures to a PNG; returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from gptlab.report import save_figure
-
-    if any(not t > 0 for t in temperatures):
-        raise GptlabError(f"temperatures to plot must be > 0, got {', '.join(map(str, temperatures))}")
-    if path is None:
-        if tm.run_dir is None:
-            raise GptlabError("give a path for the plot")
-        path = tm.run_dir / TEMPERATURE_PLOT
-    path = Path(path)
-    logits = tm.next_token_logits(prompt)
-    shown = torch.argsort(logits, descending=True)[: min(top, logits.numel())]  # the most likely at T = 1
-    labels = [token_label(tm.tokenizer, int(i)) for i in shown]
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(labels) + 2), 4.2), dpi=120)
-    width = 0.8 / len(temperatures)
-    x = np.arange(len(labels))
-    for n, t in enumerate(temperatures):
-        probs = torch.softmax(logits / t, dim=-1)[shown].numpy()
-        ax.bar(x + (n - (len(temperatures) - 1) / 2) * width, probs, width, label=f"temperature {t:g}")
-    ax.set_xticks(x, labels, rotation=90 if max(map(len, labels)) > 3 else 0, fontsize=8)
-    ax.set_ylabel("probability of the next token")
-    tail = prompt[-40:] if prompt else "(empty prompt)"
-    ax.set_title(f"next token after {tail!r}: the {len(labels)} most likely at temperature 1", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    return save_figure(fig, path)

@@ -1,4 +1,4 @@
-"""The human-readable record of a run: loss.png and samples.txt."""
+"""The human-readable record of a run: loss.png, samples.txt, and the next-token temperature plot."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from gptlab import checkpoint as ckpt
+from gptlab import rundir
+from gptlab.config import SAMPLES_SETTINGS
 from gptlab.engine import generate
-from gptlab.tokenizer import start_ids
+from gptlab.errors import GptlabError
+from gptlab.fsutil import atomic_write_bytes, atomic_write_text
+from gptlab.generation import TextModel
+from gptlab.tokenizer import Tokenizer, start_ids
 
 
 def plot_losses(run_dir: str | Path) -> Path | None:
@@ -22,7 +27,7 @@ def plot_losses(run_dir: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    rows = ckpt.read_metrics(run_dir)
+    rows = rundir.read_metrics(run_dir)
     if not rows:
         return None
     steps = [r["step"] for r in rows]
@@ -40,10 +45,10 @@ def plot_losses(run_dir: str | Path) -> Path | None:
         tokens_per_step = rows[-1]["tokens_seen"] / rows[-1]["step"]
         top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
         top.set_xlabel("tokens seen")
-    return save_figure(fig, run_dir / ckpt.LOSS_PLOT, run_dir)
+    return save_figure(fig, run_dir / rundir.LOSS_PLOT)
 
 
-def save_figure(fig: Any, path: Path, run_dir: Path | None = None) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
     """Write a matplotlib figure as PNG atomically and close it; returns the path."""
     import matplotlib.pyplot as plt
 
@@ -52,13 +57,14 @@ def save_figure(fig: Any, path: Path, run_dir: Path | None = None) -> Path:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     data = buffer.getvalue()
-    ckpt.atomic_write(path, lambda f: f.write(data), run_dir)
+    atomic_write_bytes(path, data)
     return path
 
 
 @torch.no_grad()
 def write_samples(run_dir: str | Path, model: torch.nn.Module, tokenizer: Any, num_samples: int,
-                  max_new_tokens: int, seed: int = 1337, temperature: float = 0.8, top_k: int = 200) -> list[str]:
+                  max_new_tokens: int, seed: int = 1337, temperature: float = SAMPLES_SETTINGS.temperature,
+                  top_k: int | None = SAMPLES_SETTINGS.top_k) -> list[str]:
     """Write `num_samples` unprompted samples to samples.txt; returns them."""
     if num_samples < 1:
         return []
@@ -71,5 +77,48 @@ def write_samples(run_dir: str | Path, model: torch.nn.Module, tokenizer: Any, n
     texts = [tokenizer.decode(row[len(prompt):].tolist()) for row in out]
     body = "\n\n=== Next Sequence ===\n\n".join(texts)
     header = f"# {num_samples} samples, {max_new_tokens} tokens each, temperature {temperature}, top-k {top_k}, seed {seed}\n\n"
-    ckpt.atomic_write_text(Path(run_dir) / ckpt.SAMPLES, header + body + "\n", run_dir)
+    atomic_write_text(Path(run_dir) / rundir.SAMPLES, header + body + "\n")
     return texts
+
+
+def token_label(tokenizer: Tokenizer, token: int) -> str:
+    """A short printable name for a token: whitespace made visible, partial characters as bytes."""
+    text = tokenizer.decode([token])
+    if "\ufffd" in text:
+        return repr(tokenizer.token_bytes(token))[1:]
+    return text.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t") or repr(text)
+
+
+def plot_temperature(
+    tm: TextModel, prompt: str = "", path: str | Path | None = None,
+    temperatures: tuple[float, ...] = (0.1, 1.0, 5.0), top: int = 20,
+) -> Path:
+    """Draw the next-token distribution after `prompt` at several temperatures to a PNG; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if any(not t > 0 for t in temperatures):
+        raise GptlabError(f"temperatures to plot must be > 0, got {', '.join(map(str, temperatures))}")
+    if path is None:
+        if tm.run_dir is None:
+            raise GptlabError("give a path for the plot")
+        path = tm.run_dir / rundir.TEMPERATURE_PLOT
+    path = Path(path)
+    logits = tm.next_token_logits(prompt)
+    shown = torch.argsort(logits, descending=True)[: min(top, logits.numel())]  # the most likely at T = 1
+    labels = [token_label(tm.tokenizer, int(i)) for i in shown]
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(labels) + 2), 4.2), dpi=120)
+    width = 0.8 / len(temperatures)
+    x = np.arange(len(labels))
+    for n, t in enumerate(temperatures):
+        probs = torch.softmax(logits / t, dim=-1)[shown].numpy()
+        ax.bar(x + (n - (len(temperatures) - 1) / 2) * width, probs, width, label=f"temperature {t:g}")
+    ax.set_xticks(x, labels, rotation=90 if max(map(len, labels)) > 3 else 0, fontsize=8)
+    ax.set_ylabel("probability of the next token")
+    tail = prompt[-40:] if prompt else "(empty prompt)"
+    ax.set_title(f"next token after {tail!r}: the {len(labels)} most likely at temperature 1", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ import torch
 from torch.nn import functional as F
 
 from gptlab import checkpoint as ckpt
-from gptlab import distributed
+from gptlab import distributed, rundir
 from gptlab.config import ModelConfig, TrainConfig, parse_duration
 from gptlab.cpu_memory import keep_freed_memory
 from gptlab.data import (
@@ -47,66 +46,12 @@ from gptlab.data import (
     load_tokens,
     read_meta,
 )
+from gptlab.device import autodetect_device, resolve_dtype, rng_state, seed_everything, set_rng_state, warn
 from gptlab.errors import GptlabError, TrainingInterrupted
 from gptlab.model import GPT
 from gptlab.muon import Muon, OptimizerSet
 from gptlab.sizing import memorisation_warning
-from gptlab.tokenizer import load_tokenizer
-
-
-def warn(message: str) -> None:
-    """A one-line warning on stderr (from rank 0 only)."""
-    if distributed.is_main():
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def autodetect_device(requested: str = "auto") -> torch.device:
-    """cuda, then mps, then cpu; or the device asked for, if it exists."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise GptlabError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GptlabError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise GptlabError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise GptlabError("--device mps asked for, but MPS is not available here; use --device cpu or auto")
-    return device
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype to train in, falling back to float32 where the hardware cannot do it."""
-    if requested == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
-    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
-        warn("this CPU has no native bfloat16 (bf16 matmuls run >100x slower than float32 here); training in float32")
-        return torch.float32
-    if device.type == "cpu" and dtype == torch.float16:
-        warn("float16 training is for GPUs; training in float32 on the CPU")
-        return torch.float32
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        warn("this GPU has no bfloat16; training in float16 with a grad scaler")
-        return torch.float16
-    return dtype
+from gptlab.tokenizer import Tokenizer, load_tokenizer
 
 
 def learning_rate(step: int, cfg: TrainConfig, total_steps: int, time_fraction: float | None = None) -> float:
@@ -149,36 +94,6 @@ def _adamw(groups: list[dict], device: torch.device, kwargs: dict[str, Any]) -> 
         except (RuntimeError, TypeError):
             pass
     return torch.optim.AdamW(groups, **kwargs)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and every GPU)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG state as tensors and plain types (so it saves without pickling objects)."""
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` captured."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
@@ -273,7 +188,7 @@ def estimate_loss(
 
 def resolve_run_dir(cfg: TrainConfig, meta: dict[str, Any]) -> Path:
     """The --out folder, or runs/<data folder name>."""
-    return Path(cfg.out) if cfg.out else Path("runs") / Path(cfg.data).resolve().name
+    return Path(cfg.out) if cfg.out else rundir.default_run_dir(cfg.data)
 
 
 def plan_steps(cfg: TrainConfig, train_tokens: int, block_size: int, sampler: Any) -> int:
@@ -343,8 +258,12 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
+    init: tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer] | None = None,
 ) -> TrainResult:
-    """Train a GPT on a prepared data folder and write the run folder; returns the summary."""
+    """Train a GPT on a prepared data folder and write the run folder; returns the summary.
+
+    `init` is what `--init-from` names, resolved by the caller: shape, weights and tokenizer.
+    """
     distributed.init()
     quiet = quiet or not distributed.is_main()
     say = (lambda *a, **k: None) if quiet else (lambda text: print(text, flush=True))
@@ -354,9 +273,9 @@ def train(
     tokenizer = load_tokenizer(cfg.data)
     init_weights = None
     if cfg.init_from and not resume:  # the shape and tokenizer come with the weights
-        from gptlab.hf_import import load_init
-
-        model_cfg, init_weights, tokenizer = load_init(cfg.init_from, model_cfg, tokenizer, cfg.data)
+        if init is None:
+            raise GptlabError(f"--init-from {cfg.init_from}: resolve it with gptlab.hf.init.load_init and pass init=")
+        model_cfg, init_weights, tokenizer = init
     if model_cfg.vocab_size == 0:
         model_cfg = replace(model_cfg, vocab_size=tokenizer.vocab_size)
     elif model_cfg.vocab_size < tokenizer.vocab_size:
@@ -375,16 +294,16 @@ def train(
         if distributed.is_main():
             ckpt.recover_resume_point(run_dir)
         distributed.barrier()
-        if not (run_dir / ckpt.LAST).is_file():
-            raise GptlabError(f"nothing to resume in {run_dir} (no {ckpt.LAST}); drop --resume to start a new run")
-    elif ckpt.is_run_dir(run_dir):
+        if not (run_dir / rundir.LAST).is_file():
+            raise GptlabError(f"nothing to resume in {run_dir} (no {rundir.LAST}); drop --resume to start a new run")
+    elif rundir.is_run_dir(run_dir):
         if not overwrite:
             raise GptlabError(
                 f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, --overwrite to replace it, "
                 "or another --out"
             )
         if distributed.is_main():
-            ckpt.clear_run_dir(run_dir)
+            rundir.clear_run_dir(run_dir)
     distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, out=str(run_dir))
@@ -423,11 +342,11 @@ def train(
 
     step, best_val, tokens_seen, elapsed_before = 0, float("inf"), 0, 0.0
     lr_scale, rollbacks = 1.0, 0
-    metrics = ckpt.MetricsLog(run_dir / ckpt.METRICS)
+    metrics = rundir.MetricsLog(run_dir / rundir.METRICS)
 
     def restore(state: dict[str, Any]) -> None:
         nonlocal step, best_val, tokens_seen, elapsed_before, lr_scale, rollbacks
-        ckpt.load_weights_into(model, run_dir / ckpt.LAST)
+        ckpt.load_weights_into(model, run_dir / rundir.LAST)
         try:
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
@@ -452,13 +371,13 @@ def train(
         lr_scale, rollbacks = float(state.get("lr_scale", 1.0)), int(state.get("rollbacks", 0))
 
     if resume:
-        restore(ckpt.load_train_state(run_dir / ckpt.TRAIN_STATE))
+        restore(ckpt.load_train_state(run_dir / rundir.TRAIN_STATE))
         metrics.load(up_to_step=step)
         say(f"resuming {run_dir} at step {step:,}" + ("" if budget else f" of {total_steps:,}"))
     elif distributed.is_main():
         tokenizer.save(run_dir)
     if distributed.is_main():
-        ckpt.write_run_config(run_dir, model_cfg, cfg, {"type": meta["tokenizer"], "vocab_size": tokenizer.vocab_size})
+        rundir.write_run_config(run_dir, model_cfg, cfg, {"type": meta["tokenizer"], "vocab_size": tokenizer.vocab_size})
 
     compile_on = compile_wanted(cfg.compile, device.type, budget)
     ddp_model = distributed.wrap(model, device)  # the model itself in one process
@@ -517,7 +436,7 @@ def train(
             return
         info = {"step": step, "val_loss": f"{val_loss:.6f}", "tokens_seen": tokens_seen}
         if is_best:
-            ckpt.save_weights(run_dir / ckpt.BEST, model, info, run_dir)
+            ckpt.save_weights(run_dir / rundir.BEST, model, info, run_dir)
         state = {
             "step": step,
             "best_val_loss": best_val,
@@ -566,7 +485,7 @@ def train(
                             "train_loss": f"{losses['train']:.6f}", "val_loss": f"{losses['val']:.6f}",
                             "tokens_per_sec": f"{tokens_per_sec:.1f}", "elapsed_sec": f"{elapsed:.2f}",
                         },
-                        run_dir,
+                        ckpt.resume_hint(run_dir),
                     )
                 save_checkpoint(is_best, losses["val"])
                 progress.write(
@@ -582,7 +501,7 @@ def train(
                 progress.close()
                 nproc = f" --nproc {distributed.world_size()}" if distributed.world_size() > 1 else ""
                 raise TrainingInterrupted(
-                    f"stopped at step {step} and saved {run_dir / ckpt.LAST}; "
+                    f"stopped at step {step} and saved {run_dir / rundir.LAST}; "
                     f"continue with `gptlab train --resume {run_dir}{nproc}`"
                 )
             if finished:
@@ -622,7 +541,7 @@ def train(
                         )
                     wall, kept_scale, kept_rollbacks = elapsed_before + time.perf_counter() - t_start, lr_scale, rollbacks
                     distributed.barrier()  # rank 0 has finished writing the checkpoint
-                    restore(ckpt.load_train_state(run_dir / ckpt.TRAIN_STATE))
+                    restore(ckpt.load_train_state(run_dir / rundir.TRAIN_STATE))
                     rollbacks, lr_scale, elapsed_before = kept_rollbacks + 1, kept_scale * 0.5, wall
                     bad_streak = 0
                     t_start = t_window = time.perf_counter()
@@ -674,34 +593,12 @@ def finish_run(run_dir: Path, model: GPT, tokenizer: Any, cfg: TrainConfig, say:
     from gptlab.report import plot_losses, write_samples
 
     plot_losses(run_dir)
-    if (run_dir / ckpt.BEST).is_file():
-        ckpt.load_weights_into(model, run_dir / ckpt.BEST)
+    if (run_dir / rundir.BEST).is_file():
+        ckpt.load_weights_into(model, run_dir / rundir.BEST)
     samples = write_samples(run_dir, model, tokenizer, cfg.num_samples, cfg.sample_tokens, seed=cfg.seed)
     if samples:
         say("\n--- sample from the best checkpoint ---")
         say(samples[0])
         say("---------------------------------------")
-    say(f"loss plot: {(run_dir / ckpt.LOSS_PLOT).resolve()}")
-    say(f"samples:   {(run_dir / ckpt.SAMPLES).resolve()}")
-
-
-def run_summary(run_dir: str | Path) -> dict[str, Any]:
-    """What `gptlab info` shows about a run folder."""
-    run_dir = Path(run_dir)
-    model_cfg, train_cfg, tok = ckpt.read_run_config(run_dir)
-    rows = ckpt.read_metrics(run_dir)
-    vals = [r["val_loss"] for r in rows if not math.isnan(r["val_loss"])]
-    files = {name: str((run_dir / name).resolve()) for name in ckpt.RUN_FILES if (run_dir / name).is_file()}
-    return {
-        "run": str(run_dir.resolve()),
-        "params": model_cfg.num_params(),
-        "model": asdict(model_cfg),
-        "tokenizer": tok,
-        "data": train_cfg.data,
-        "steps": int(rows[-1]["step"]) if rows else 0,
-        "tokens_seen": int(rows[-1]["tokens_seen"]) if rows else 0,
-        "elapsed_sec": rows[-1]["elapsed_sec"] if rows else 0.0,
-        "best_val_loss": min(vals) if vals else None,
-        "last_val_loss": vals[-1] if vals else None,
-        "files": files,
-    }
+    say(f"loss plot: {(run_dir / rundir.LOSS_PLOT).resolve()}")
+    say(f"samples:   {(run_dir / rundir.SAMPLES).resolve()}")

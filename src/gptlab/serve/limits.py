@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gptlab.errors import GptlabError
@@ -33,15 +33,15 @@ _DONE = object()
 class Limits:
     """Ceilings on one request and on the work in flight per model (the flags of `gptlab serve`)."""
 
-    max_new_tokens_limit: int = 1024
-    max_prompt_chars: int = 50_000
-    max_n: int = 8
+    max_new_tokens_limit: int = field(default=1024, metadata={"help": "ceiling on max_tokens per request"})
+    max_prompt_chars: int = field(default=50_000, metadata={"help": "longest prompt, in characters"})
+    max_n: int = field(default=8, metadata={"help": "most samples per request (n)"})
     # Two at a time, so one long generation does not hold up every other request. Throughput barely
     # moves with it on a CPU, where a small model's decode step is mostly Python under the GIL:
     # 20 requests x 100 tokens to cpu-tiny on 2 shared cores gave ~900 tokens/s at 1, ~780 at 2,
     # ~400 at 4.
-    concurrency: int = 2
-    queue_size: int = 16
+    concurrency: int = field(default=2, metadata={"help": "generations running at once, per model"})
+    queue_size: int = field(default=16, metadata={"help": "requests waiting per model before 429"})
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens_limit", "max_prompt_chars", "max_n", "concurrency"):

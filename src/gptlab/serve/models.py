@@ -10,6 +10,7 @@ from typing import Any
 from gptlab.config import SampleConfig
 from gptlab.errors import GptlabError
 from gptlab.generation import Finish, TextModel
+from gptlab.rundir import LOSS_PLOT, read_run_config, run_summary
 from gptlab.serve.limits import GenerationQueue, Limits
 
 
@@ -26,8 +27,6 @@ class ServedModel:
     @property
     def loss_plot(self) -> Path | None:
         """The run's loss.png, when it has one."""
-        from gptlab.checkpoint import LOSS_PLOT
-
         run_dir = self.model.run_dir
         path = run_dir / LOSS_PLOT if run_dir is not None else None
         return path if path is not None and path.is_file() else None
@@ -70,8 +69,6 @@ def model_names(runs: Sequence[str | Path]) -> list[str]:
 
 def check_runs(runs: Sequence[str | Path]) -> list[str]:
     """Each run's name, after checking every folder is a run (before any weights load)."""
-    from gptlab.checkpoint import read_run_config
-
     if not runs:
         raise GptlabError("give at least one run folder to serve (gptlab serve runs/NAME)")
     for run in runs:
@@ -86,7 +83,6 @@ def load_models(runs: Sequence[str | Path], limits: Limits, checkpoint: str = "b
                 device: str = "auto") -> list[ServedModel]:
     """Load every run once, each with its own generation queue."""
     from gptlab.generation import load
-    from gptlab.train import run_summary
 
     names = check_runs(runs)
     threads = limits.threads_per_generation(len(runs))

@@ -1,0 +1,115 @@
+"""README.md for an export: what the model is, what it was trained on and how well, how to use it, samples."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from gptlab.config import SAMPLES_SETTINGS, TrainConfig
+from gptlab.errors import GptlabError
+from gptlab.hf.gpt2 import DEFAULT_MAX_LENGTH
+from gptlab.hf.source import ExportSource
+from gptlab.rundir import LOSS_PLOT, SAMPLES, run_summary
+
+
+def _data_description(train_cfg: TrainConfig) -> str:
+    from gptlab.data import NAMED_DATASETS, read_meta
+
+    try:
+        meta = read_meta(train_cfg.data)
+    except GptlabError:
+        return f"the prepared data folder `{Path(train_cfg.data).name or '?'}`"
+    named = NAMED_DATASETS.get(meta.get("name", ""))
+    sources = meta.get("sources", [])
+    if named:
+        what = named["about"]
+    elif len(sources) == 1:
+        what = f"`{Path(sources[0]['path']).name}`"
+    else:
+        names = [f"`{Path(s['path']).name}`" for s in sources[:5]] + (["..."] if len(sources) > 5 else [])
+        what = f"{len(sources)} text files ({', '.join(names)})"
+    return (f"{what}: {meta.get('bytes', 0):,} bytes of text, {meta['train_tokens']:,} training and "
+            f"{meta['val_tokens']:,} validation tokens (the last {meta.get('val_fraction', 0.1):.0%} of the text)")
+
+def _fenced(text: str) -> str:
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+def _card_samples(run_dir: Path) -> list[str]:
+    path = run_dir / SAMPLES
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.startswith("# "):
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+    return [s.strip("\n") for s in text.split("\n\n=== Next Sequence ===\n\n") if s.strip()]
+
+HF_FRONT_MATTER = ("---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- gptlab",
+                   "- gpt2", "- text-generation", "---")
+
+def model_card(src: ExportSource, has_plot: bool, front_matter: Sequence[str] = HF_FRONT_MATTER,
+               usage: Sequence[str] | None = None, plot: str = LOSS_PLOT) -> str:
+    """README.md: what the model is, what it was trained on and how well, how to use it, samples.
+
+    `front_matter` is the YAML header the Hub reads; `usage` replaces the transformers "Use it" section;
+    `plot` is where the loss plot lies, relative to the card.
+    """
+    name = src.name or src.run_dir.resolve().name
+    s = run_summary(src.run_dir)
+    m = src.model_cfg
+    tok = src.tokenizer
+    tok_text = {
+        "char": f"characters ({tok.vocab_size} distinct characters of the training text, one token each)",
+        "gpt2": "GPT-2's byte-level BPE (50,257 tokens)",
+        "bpe": f"a byte-level BPE of {tok.vocab_size:,} tokens trained on the same text",
+    }.get(tok.name, tok.name)
+    best = f"{s['best_val_loss']:.4f}" if s["best_val_loss"] is not None else "n/a"
+    init = src.train_cfg.init_from
+    origin = f"fine-tuned from `{Path(init).name}`" if init else "trained from scratch"
+    lines = [
+        *front_matter,
+        "",
+        f"# {name}",
+        "",
+        f"A GPT-2-style language model {origin} with gptlab on "
+        f"{_data_description(src.train_cfg)}.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| parameters | {s['params']:,} |",
+        f"| shape | {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size} tokens |",
+        f"| tokenizer | {tok_text} |",
+        f"| training | {s['steps']:,} steps, {s['tokens_seen']:,} tokens seen, {s['elapsed_sec']:,.0f} s, "
+        f"peak learning rate {src.train_cfg.learning_rate:g} |",
+        f"| best validation loss | {best} |",
+        f"| weights | `{src.weights.name}` of the run |",
+        "",
+    ]
+    if has_plot:
+        lines += [f"![train and validation loss against steps]({plot})", ""]
+    lines += list(usage) if usage is not None else [
+        "## Use it",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        f'generate = pipeline("text-generation", "{name}")   # this folder, or its Hub repo id',
+        'print(generate("ROMEO:")[0]["generated_text"])',
+        "```",
+        "",
+        "It is a plain `GPT2LMHeadModel`. The sampling defaults are in `generation_config.json`: "
+        f"temperature {SAMPLES_SETTINGS.temperature:g}, top-k {SAMPLES_SETTINGS.top_k}, and `max_length` {min(m.block_size, DEFAULT_MAX_LENGTH)} tokens, prompt "
+        "included, so generation never runs past the context the model was trained on.",
+        "",
+    ]
+    samples = _card_samples(src.run_dir)
+    if samples:
+        lines += ["## Samples", "", f"Unprompted, temperature {SAMPLES_SETTINGS.temperature:g}, top-k {SAMPLES_SETTINGS.top_k}, from the best checkpoint:", ""]
+        for sample in samples:
+            lines += [_fenced(sample), ""]
+    lines += ["## Limits", "",
+              f"A small model trained on a small corpus: it imitates the style of its training text within a "
+              f"{m.block_size}-token window and knows nothing else. Do not rely on what it writes.", ""]
+    return "\n".join(lines)

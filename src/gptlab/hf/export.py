@@ -1,0 +1,100 @@
+"""A run written as a Hugging Face folder: a `transformers` GPT-2 model, or a Space; atomically.
+
+    gptlab export runs/shakespeare --format hf --out exports/shakespeare-gpt
+    gptlab export runs/shakespeare --format space --out exports/shakespeare-space
+
+Design choices:
+- An export is a plain `GPT2LMHeadModel` folder (config.json, model.safetensors,
+  generation_config.json, tokenizer files, README.md): `from_pretrained` loads it with no custom code.
+- The folder is written under a temporary name beside the target and renamed into place when
+  complete, so a failed export leaves the previous one or nothing.
+- A format is an entry of `FORMATS`: a function that fills an empty folder from an `ExportSource`.
+- Writing needs only safetensors and tokenizers; huggingface_hub is imported inside `hub.push`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from gptlab.errors import GptlabError
+from gptlab.fsutil import fsync_tree, write_text
+from gptlab.hf.card import model_card
+from gptlab.hf.gpt2 import hf_config, hf_generation_config, hf_state_dict
+from gptlab.hf.source import ExportSource, load_source
+from gptlab.hf.space import write_space
+from gptlab.hf.tokenizers import write_hf_tokenizer
+from gptlab.rundir import CHECKPOINT_FILES, LOSS_PLOT
+
+
+def write_hf(src: ExportSource, folder: Path) -> None:
+    """Fill `folder` with a transformers GPT-2 model, its tokenizer and a model card."""
+    from safetensors.torch import save
+
+    vocab_size = src.tokenizer.vocab_size
+    eot = src.tokenizer.eot_id
+    (folder / "model.safetensors").write_bytes(save(hf_state_dict(src.model, vocab_size), metadata={"format": "pt"}))
+    write_text(folder / "config.json", json.dumps(hf_config(src.model_cfg, vocab_size, eot), indent=1))
+    write_text(folder / "generation_config.json", json.dumps(hf_generation_config(src.model_cfg, eot), indent=1))
+    write_hf_tokenizer(src.tokenizer, folder, src.model_cfg.block_size)
+    if (src.run_dir / LOSS_PLOT).is_file():
+        shutil.copyfile(src.run_dir / LOSS_PLOT, folder / LOSS_PLOT)
+    write_text(folder / "README.md", model_card(src, (folder / LOSS_PLOT).is_file()))
+
+FORMATS: dict[str, Callable[[ExportSource, Path], None]] = {"hf": write_hf, "space": write_space}
+
+def default_export_dir(run_dir: str | Path, fmt: str) -> Path:
+    """exports/<run name>, with the format appended when it is not the Hugging Face one."""
+    name = Path(run_dir).resolve().name
+    return Path("exports") / (name if fmt == "hf" else f"{name}-{fmt}")
+
+def _check_target(out: Path, run_dir: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise GptlabError(f"--out {out} is a file, not a folder; choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise GptlabError(f"{out} already exists and is not empty; pass --overwrite to replace it, or choose another --out")
+    target, cwd = out.resolve(), Path.cwd().resolve()
+    holds_run = any((out / name).is_file() for name in CHECKPOINT_FILES)
+    if target in (cwd, *cwd.parents) or target in (run_dir.resolve(), *run_dir.resolve().parents) \
+            or holds_run or (out / "meta.json").is_file():
+        raise GptlabError(f"--overwrite would delete {out}, which holds a run, data or the current folder; choose another --out")
+
+def export(run_dir: str | Path, out: str | Path | None = None, fmt: str = "hf", checkpoint: str = "best",
+           overwrite: bool = False) -> Path:
+    """Write the run in `run_dir` as a `fmt` folder at `out` (default exports/<run name>); returns it."""
+    if fmt not in FORMATS:
+        raise GptlabError(f"--format {fmt!r} is not available; choose one of: {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    out = Path(out) if out else default_export_dir(run_dir, fmt)
+    _check_target(out, run_dir, overwrite)
+    src = load_source(run_dir, checkpoint)
+    target = out.resolve()
+    src.name = target.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.export-tmp")
+    previous = target.with_name(f".{target.name}.export-old")
+    for leftover in (staging, previous):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    try:
+        staging.mkdir()
+        FORMATS[fmt](src, staging)
+        fsync_tree(staging)
+        if target.is_dir():
+            os.replace(target, previous)
+        os.replace(staging, target)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if previous.is_dir() and not target.exists():
+            os.replace(previous, target)
+        if isinstance(e, OSError):
+            raise GptlabError(f"could not write the export to {out} ({e.strerror or e}); "
+                              "free disk space or choose another --out") from None
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+    return out

@@ -1,0 +1,93 @@
+"""Where `--init-from` starts training: the shape, weights and tokenizer of a GPT-2 folder or a gptlab run.
+
+The caller (the command line) resolves `--init-from` with `load_init` and hands the result to
+`train.train`, so training never reads foreign folders itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptlab import checkpoint as ckpt
+from gptlab.config import ModelConfig
+from gptlab.errors import GptlabError
+from gptlab.fsutil import read_json_object
+from gptlab.hf.gpt2 import _check_shapes, _tie, model_config_from_hf, state_dict_from_hf
+from gptlab.hf.tokenizers import check_same_tokenizer, hf_tokenizer
+from gptlab.rundir import CONFIG, read_run_config, weights_path
+from gptlab.tokenizer import Tokenizer, load_tokenizer
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+HINT = "give a Hugging Face GPT-2 folder (config.json + model.safetensors) or a gptlab run folder"
+
+def load_init(source: str | Path, model_cfg: ModelConfig, data_tokenizer: Tokenizer | None = None,
+              data_dir: str | Path = "") -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """The model config, weights (our names, float32) and tokenizer to start training from."""
+    folder = Path(source)
+    if not folder.is_dir():
+        raise GptlabError(f"--init-from {folder}: folder not found; {HINT}")
+    config = read_json_object(folder / CONFIG, f"--init-from {folder}: no config.json there; {HINT}", "download or export it again")
+    run_data = None
+    if "model" in config and "train" in config:
+        cfg, weights, tokenizer = read_run(folder, model_cfg.dropout)
+        run_data = (config.get("train") or {}).get("data") or None
+    else:
+        cfg, weights, tokenizer = read_hf_folder(folder, config, model_cfg.dropout)
+    if data_tokenizer is not None:
+        check_same_tokenizer(tokenizer, data_tokenizer, folder, data_dir, run_data)
+    return cfg, weights, tokenizer
+
+def read_run(run_dir: Path, dropout: float = 0.0) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Config, best (else last) weights and tokenizer of a gptlab run folder."""
+    model_cfg, _, _ = read_run_config(run_dir)
+    model_cfg = replace(model_cfg, dropout=dropout)
+    path = weights_path(run_dir, "best")
+    tensors, _ = ckpt.read_weights(path)
+    tensors = {k: v.float() for k, v in tensors.items()}
+    _check_shapes(tensors, model_cfg, path, "its config.json")
+    return model_cfg, _tie(tensors), load_tokenizer(run_dir)
+
+def read_hf_folder(folder: Path, config: dict[str, Any] | None = None,
+                   dropout: float = 0.0) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Config, weights and tokenizer of a Hugging Face GPT-2 folder, in gptlab's terms."""
+    if config is None:
+        config = read_json_object(folder / CONFIG, f"--init-from {folder}: no config.json there; {HINT}", "download or export it again")
+    model_cfg = model_config_from_hf(config, folder, dropout)
+    tokenizer = hf_tokenizer(folder)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise GptlabError(
+            f"{folder}: the tokenizer has {tokenizer.vocab_size:,} tokens but config.json's vocab_size is "
+            f"{model_cfg.vocab_size:,}; the tokenizer files belong to another model"
+        )
+    weights = state_dict_from_hf(read_hf_weights(folder), model_cfg, config, folder)
+    return model_cfg, weights, tokenizer
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's weights file(s), as stored."""
+    if (folder / "model.safetensors").is_file():
+        return ckpt.read_weights(folder / "model.safetensors")[0]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json_object(index, f"{index} not found", "download the model again").get("weight_map", {})
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(ckpt.read_weights(folder / shard)[0])
+        return tensors
+    path = folder / "pytorch_model.bin"
+    if path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses any pickle that is more than tensors and plain types
+            raise GptlabError(
+                f"{path} is not plain tensors ({type(e).__name__}); it may hold code, so it was not loaded; "
+                "use a model.safetensors instead"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise GptlabError(f"{path} is not a state dict of tensors; use a model.safetensors instead")
+        return state
+    raise GptlabError(f"{folder} has config.json but no weights ({', '.join(WEIGHT_FILES)}); download them too")

@@ -1,0 +1,99 @@
+"""What `gptlab train` does before the loop: settings resolved, text prepared, a shape sized, --init-from read.
+
+    from gptlab.pipeline import run_training
+    run_training(["my.txt"], {"time": "5m"})          # as `gptlab train my.txt --time 5m`
+
+Design choices:
+- Settings resolve as preset < --config file < flags (`config.resolve_config`); `--resume RUN`
+  takes the run's own config.json instead and writes back into the run.
+- Text given straight to `train` is prepared once into data/<name>-<tokenizer> and reused while
+  the sources are unchanged (same bytes, tokenizer and split).
+- With no preset or config file, what the user left open is sized to the data and the machine
+  (`sizing.choose`), and the choice is printed with its reason.
+- `--init-from` is resolved here, into the shape, weights and tokenizer `train` starts from, so the
+  trainer never reads foreign folders.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from gptlab import distributed
+from gptlab.config import ModelConfig, TrainConfig, parse_duration, resolve_config
+from gptlab.errors import GptlabError
+from gptlab.rundir import CONFIG
+
+
+def training_settings(preset: str | None, config_file: str | None, resume: str | None,
+                      overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig, str | None, dict[str, Any]]:
+    """Validated configs, and the config file and overrides they came from (with --resume's folded in)."""
+    overrides = dict(overrides)
+    if resume:
+        if not os.path.isfile(os.path.join(resume, CONFIG)):
+            raise GptlabError(f"--resume {resume}: no run there (no {CONFIG}); give the folder of an earlier run")
+        if preset or config_file:
+            raise GptlabError("--resume takes its settings from the run's config.json; drop --preset/--config")
+        config_file = os.path.join(resume, CONFIG)
+        overrides["out"] = resume
+    model_cfg, train_cfg = resolve_config(preset, config_file, overrides)
+    return model_cfg, train_cfg, config_file, overrides
+
+
+def run_training(inputs: list[str], overrides: dict[str, Any], preset: str | None = None,
+                 config_file: str | None = None, resume: str | None = None, overwrite: bool = False,
+                 quiet: bool = False) -> Any:
+    """Prepare `inputs` if given, size what is left open, resolve --init-from, and train; returns the TrainResult."""
+    from gptlab.train import train
+
+    model_cfg, train_cfg, config_file, overrides = training_settings(preset, config_file, resume, overrides)
+    if inputs:
+        if "data" in overrides:
+            raise GptlabError("give either text to train on or --data, not both")
+        data_dir = prepare_for_training(inputs, train_cfg, quiet)
+        overrides["data"] = str(data_dir)
+        if not (preset or config_file):
+            overrides = size_to_data(overrides, data_dir, train_cfg.device, quiet=quiet or not distributed.is_main())
+        model_cfg, train_cfg = resolve_config(preset, config_file, overrides)
+    init = None
+    if train_cfg.init_from and not resume:
+        from gptlab.hf.init import load_init
+        from gptlab.tokenizer import load_tokenizer
+
+        if not train_cfg.data:
+            raise GptlabError("no training data; pass --data <prepared folder> or a text file (gptlab train my.txt)")
+        init = load_init(train_cfg.init_from, model_cfg, load_tokenizer(train_cfg.data), train_cfg.data)
+    return train(model_cfg, train_cfg, resume=bool(resume), overwrite=overwrite, quiet=quiet, init=init)
+
+
+def prepare_for_training(inputs: list[str], train_cfg: TrainConfig, quiet: bool) -> Path:
+    """The data folder for text given to `train`: prepared now, or reused when it holds the same sources."""
+    from gptlab.data import default_data_dir, matches_sources, prepare, resolve_inputs
+
+    name, _ = resolve_inputs(inputs)
+    data_dir = default_data_dir(name, train_cfg.tokenizer)
+    with distributed.main_first():  # under torchrun, rank 0 prepares and the others find it ready
+        if matches_sources(data_dir, inputs, train_cfg.tokenizer, train_cfg.val_fraction):
+            if distributed.is_main() and not quiet:
+                print(f"using prepared data in {data_dir}")
+        else:
+            prepare(inputs, train_cfg.tokenizer, data_dir, train_cfg.val_fraction,
+                    log=(lambda *a: None) if quiet or not distributed.is_main() else print)
+    return data_dir
+
+
+def size_to_data(overrides: dict[str, Any], data_dir: str | Path, device: str, quiet: bool) -> dict[str, Any]:
+    """`overrides` plus the model shape and budget that `gptlab.sizing` picks for this data and machine."""
+    from gptlab.data import read_meta
+    from gptlab.device import autodetect_device
+    from gptlab.sizing import choose
+
+    meta = read_meta(data_dir)
+    budget = parse_duration(overrides["time"]) if overrides.get("time") else None
+    choice = choose(int(meta["train_tokens"]), autodetect_device(device).type, set(overrides), budget)
+    if choice is None:
+        return overrides
+    if not quiet:
+        print(choice.reason)
+    return {**choice.model, **choice.train, **overrides}
