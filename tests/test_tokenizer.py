@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, load_tokenizer, parse_spec
+from gptlab.tokenizer import KINDS, BPETokenizer, CharTokenizer, GPT2Tokenizer, kinds_help, load_tokenizer, parse_spec
 
 
 def test_char_round_trip_and_sorted_vocab():
@@ -82,3 +82,36 @@ def test_corrupt_tokenizer_file_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(GptlabError, match="corrupt"):
         load_tokenizer(tmp_path)
+
+
+def test_every_kind_in_the_registry_parses_and_is_listed_in_the_help():
+    for name, kind in KINDS.items():
+        assert kind.name == name and kind.usage in kinds_help()
+    assert parse_spec("bpe:512") == ("bpe", 512)
+    with pytest.raises(GptlabError, match="takes no size"):
+        parse_spec("char:5")
+    with pytest.raises(GptlabError, match=kinds_help()):
+        parse_spec("wordpiece")
+
+
+def test_char_encode_array_matches_encode_and_still_names_unseen_characters():
+    tok = CharTokenizer.from_texts(["hello wörld 🙂\n"])
+    assert tok.encode_array("wörld 🙂\nhello").tolist() == tok.encode("wörld 🙂\nhello")
+    with pytest.raises(GptlabError, match="'z'"):
+        tok.encode_array("hellz")
+    with pytest.raises(GptlabError, match="'\U0001f600'"):
+        tok.encode_array("\U0001f600")  # beyond the table's largest code point
+
+
+def test_same_as_compares_vocabularies_not_just_kinds():
+    a, b = CharTokenizer.from_texts(["abc"]), CharTokenizer.from_texts(["abd"])
+    assert a.same_as(CharTokenizer.from_texts(["cba"])) and not a.same_as(b)
+    assert not a.same_as(GPT2Tokenizer.build())
+
+
+def test_a_char_tokenizer_exported_to_hugging_face_is_recognised_on_import(tmp_path):
+    tok = CharTokenizer.from_texts(["to be or not"])
+    spec = json.loads(tok.hf_files()["tokenizer.json"])
+    again = CharTokenizer.from_hf_spec(spec, tmp_path / "tokenizer.json")
+    assert again is not None and again.same_as(tok)
+    assert BPETokenizer.from_hf_spec(spec, tmp_path / "tokenizer.json") is None

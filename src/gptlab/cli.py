@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="tokenize text into token files for training",
                        description="Tokenize a file, several files, a folder of .txt files or a named dataset (shakespeare).")
     p.add_argument("inputs", nargs="+", metavar="TEXT", help="text file(s), folder(s) of .txt, or a named dataset")
-    p.add_argument("--tokenizer", default="char", help="char, gpt2 or bpe:N (default: 'char')")
+    from gptlab.tokenizer import kinds_help
+    p.add_argument("--tokenizer", default="char", help=f"{kinds_help()} (default: 'char')")
     p.add_argument("--out", default=None, help="output folder (default: data/<name>-<tokenizer>)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation, from the end (default: 0.1)")
     p.add_argument("--workers", type=int, default=0, metavar="N",

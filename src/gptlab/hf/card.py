@@ -60,11 +60,7 @@ def model_card(src: ExportSource, has_plot: bool, front_matter: Sequence[str] = 
     s = run_summary(src.run_dir)
     m = src.model_cfg
     tok = src.tokenizer
-    tok_text = {
-        "char": f"characters ({tok.vocab_size} distinct characters of the training text, one token each)",
-        "gpt2": "GPT-2's byte-level BPE (50,257 tokens)",
-        "bpe": f"a byte-level BPE of {tok.vocab_size:,} tokens trained on the same text",
-    }.get(tok.name, tok.name)
+    tok_text = tok.describe()
     best = f"{s['best_val_loss']:.4f}" if s["best_val_loss"] is not None else "n/a"
     init = src.train_cfg.init_from
     origin = f"fine-tuned from `{Path(init).name}`" if init else "trained from scratch"
