@@ -15,6 +15,7 @@ import torch
 
 from gptlab import cli
 from gptlab.config import ModelConfig, resolve_config
+from gptlab.folders import EXPORT_MARKER
 from gptlab.generation import load
 from gptlab.hf.export import export
 from gptlab.hf.init import load_init
@@ -156,8 +157,14 @@ def test_export_refuses_a_non_empty_folder_and_overwrite_replaces_it_whole(runs,
     assert "already exists and is not empty; pass --overwrite" in err
     assert (out / "notes.txt").read_text() == "mine"
     code, stdout, err = run_cli(capsys, "export", runs["char"], "--out", out, "--overwrite")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--overwrite would delete {out / 'notes.txt'}, which gptlab did not write" in err
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    assert run_cli(capsys, "export", runs["char"], "--out", out)[0] == 0
+    code, stdout, err = run_cli(capsys, "export", runs["char"], "--out", out, "--overwrite")
     assert code == 0, err
-    assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
     code, _, err = run_cli(capsys, "export", runs["char"], "--out", runs["gpt2"], "--overwrite")
     assert code == 2 and "holds a run" in err
 
@@ -221,7 +228,8 @@ def test_push_dry_run_lists_the_files_without_a_token_or_network(exported, capsy
     code, out, err = run_cli(capsys, "push", exported, "--repo-id", "someone/tiny-gpt", "--dry-run", "--private")
     assert code == 0, err
     for p in exported.iterdir():
-        assert f"{p.stat().st_size:,}  {p.name}" in out
+        if p.name != EXPORT_MARKER:  # which local files the export wrote; it stays here
+            assert f"{p.stat().st_size:,}  {p.name}" in out
     assert "would upload 7 files" in out and "https://huggingface.co/someone/tiny-gpt (private)" in out
     assert out.rstrip().endswith("nothing was sent")
 
@@ -245,13 +253,7 @@ def test_push_needs_no_torch_and_export_knows_the_run_file_names():
     from gptlab.hf import card as export_module
 
     assert (export_module.LOSS_PLOT, export_module.SAMPLES) == (checkpoint.LOSS_PLOT, checkpoint.SAMPLES)
-    assert rundir_checkpoint_files() == (checkpoint.BEST, checkpoint.LAST, checkpoint.TRAIN_STATE)
+    assert checkpoint.CHECKPOINT_FILES == (checkpoint.BEST, checkpoint.LAST, checkpoint.TRAIN_STATE)
     r = subprocess.run([sys.executable, "-c", "import sys, gptlab.hf.hub; assert 'torch' not in sys.modules"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-
-
-def rundir_checkpoint_files() -> tuple[str, ...]:
-    from gptlab.hf import export as export_module
-
-    return export_module.CHECKPOINT_FILES

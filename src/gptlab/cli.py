@@ -7,9 +7,13 @@ is a flag with its help text and default, and nothing is listed twice.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -63,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     sub.required = True
+    h = sub.add_parser("help", help="show the help of gptlab or of one command", description="gptlab help [COMMAND]")
+    h.add_argument("topic", nargs="?", metavar="COMMAND", help="a command, e.g. train")
 
     p = sub.add_parser("prepare", help="tokenize text into token files for training",
                        description="Tokenize a file, several files, a folder of .txt files or a named dataset (shakespeare).")
@@ -73,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation, from the end (default: 0.1)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="processes that tokenize; 0 = one per core (up to 8) for big inputs (default: 0)")
+    p.add_argument("--keep-crlf", action="store_true",
+                   help="keep Windows line ends (CRLF) as they are; by default they become LF, as on Linux and macOS")
 
     t = sub.add_parser("train", help="train a GPT (from a prepared folder or straight from text)",
                        description="Train a GPT. Settings resolve as preset < --config file < flags.",
@@ -177,7 +185,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from gptlab.data import prepare
 
     out = prepare(args.inputs, tokenizer=args.tokenizer, out=args.out, val_fraction=args.val_fraction,
-                  workers=args.workers)
+                  workers=args.workers, keep_crlf=args.keep_crlf)
     print(f"prepared {out}; train with: gptlab train --data {out}")
     return 0
 
@@ -386,18 +394,80 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "info": cmd_info,
+def cmd_help(args: argparse.Namespace) -> int:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if args.topic is None:
+        parser.print_help()
+    elif args.topic in commands:
+        commands[args.topic].print_help()
+    else:
+        raise GptlabError(f"no command {args.topic!r}; the commands are {', '.join(c for c in commands if c != 'help')}")
+    return 0
+
+
+COMMANDS = {"help": cmd_help, "prepare": cmd_prepare, "train": cmd_train, "info": cmd_info,
             "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot, "serve": cmd_serve,
             "export": cmd_export, "push": cmd_push}
+
+
+def attach_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--time -5s` as `--time=-5s`: a value that starts with a dash still belongs to its flag.
+
+    argparse reads it as another flag and says "expected one argument"; attached, the value reaches
+    its own check, whose message says what is wrong with it.
+    """
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    command = commands.get(argv[0]) if argv else None
+    if command is None:
+        return argv
+    flags = command._option_string_actions
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        action = flags.get(argv[i])
+        takes_value = action is not None and action.nargs is None and not isinstance(
+            action, (argparse._StoreConstAction, argparse.BooleanOptionalAction))
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if takes_value and following is not None and following.startswith("-") and following not in flags \
+                and following not in ("-", "--"):
+            out.append(f"{argv[i]}={following}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, a service manager, a script's timeout) ends a command as Ctrl-C does.
+
+    The same clean-up runs (temporary files removed, worker processes stopped, a training run saved)
+    and the same one line is printed; training and serving install their own handlers on top.
+    """
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gptlab` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)  # what `--nproc` runs again under torchrun
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(attach_dash_values(parser, argv))
+    args.argv = argv  # what `--nproc` runs again under torchrun
     try:
-        return COMMANDS[args.command](args)
+        with terminate_as_interrupt():
+            return COMMANDS[args.command](args)
     except GptlabError as e:
         from gptlab.distributed import is_main
 

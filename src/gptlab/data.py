@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from gptlab.errors import GptlabError
-from gptlab.fsutil import file_digest, write_json
+from gptlab.folders import check_writes_kind
+from gptlab.fsutil import atomic_write_bytes, cause, check_writable_folder, file_digest, write_json
 from gptlab.tokenizer import Tokenizer, tokenizer_kind
 
 if TYPE_CHECKING:
@@ -103,7 +104,9 @@ def resolve_inputs(inputs: list[str]) -> tuple[str, list[Path]]:
     files: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
-        if not path.exists() and item in NAMED_DATASETS:
+        if item in STDIN:
+            files.append(stdin_copy())
+        elif not path.exists() and item in NAMED_DATASETS:
             files.append(fetch_named_dataset(item))
         elif path.is_dir():
             found = sorted(p for p in path.rglob("*.txt") if p.is_file())
@@ -116,8 +119,30 @@ def resolve_inputs(inputs: list[str]) -> tuple[str, list[Path]]:
             named = ", ".join(NAMED_DATASETS)
             raise GptlabError(f"input {item} not found; pass an existing file or folder, or a named dataset ({named})")
     first = inputs[0]
+    if first in STDIN:
+        return "stdin", files
     name = first if first in NAMED_DATASETS and not Path(first).exists() else Path(first).expanduser().resolve().stem
     return name, files
+
+
+STDIN = ("-", "/dev/stdin")
+_stdin: list[Path] = []  # standard input can be read once: its copy, once made
+
+
+def stdin_copy() -> Path:
+    """Standard input saved to a file (prepare reads its text several times, by byte ranges)."""
+    import sys
+
+    if not _stdin:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise GptlabError("`-` reads the text from standard input, but nothing is piped in; "
+                              "use `cat my.txt | gptlab prepare -` or give the file's name")
+        path = gptlab_home() / "stdin" / "stdin.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = sys.stdin.buffer.read()
+        atomic_write_bytes(path, data)
+        _stdin.append(path)
+    return _stdin[0]
 
 
 def check_text_file(path: Path) -> None:
@@ -286,12 +311,22 @@ def _task_bytes(task: Task) -> int:
     return sum(end - start for _, start, end, _ in task)
 
 
-def read_piece(piece: Piece) -> str:
-    """The text of one piece (its ends are character boundaries)."""
+def read_piece(piece: Piece, keep_crlf: bool = False) -> str:
+    """The text of one piece (its ends are character boundaries), normalised as every input text is.
+
+    A UTF-8 byte-order mark at the start of a file is dropped (it is an encoding mark, not text), and
+    Windows line ends (CRLF) become LF unless kept: otherwise every line of a Windows file would end in
+    a `\r` token, and a stop string like "\n\n" would never match what the model writes. No cut
+    falls between `\r` and `\n` (`safe_cut` cuts only after a non-space), so pieces normalise alike.
+    """
     path, start, end, _ = piece
     with open(path, "rb") as f:
         f.seek(start)
-        return f.read(end - start).decode("utf-8")
+        data = f.read(end - start)
+    if start == 0 and data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    text = data.decode("utf-8")
+    return text if keep_crlf else text.replace("\r\n", "\n")
 
 
 def _code_points(text: str) -> np.ndarray:
@@ -301,17 +336,20 @@ def _code_points(text: str) -> np.ndarray:
 _worker: dict[str, Any] = {}  # what a worker process keeps between tasks
 
 
-def _start_worker(tokenizer: Tokenizer | None, dtype: str | None, child: bool = True) -> None:
-    """Set up a worker: its tokenizer and token dtype, and Ctrl-C left to the parent."""
+def _start_worker(tokenizer: Tokenizer | None, dtype: str | None, keep_crlf: bool = False, child: bool = True) -> None:
+    """Set up a worker: its tokenizer, token dtype and line-end policy; Ctrl-C and SIGTERM are the parent's to handle."""
     if child:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if hasattr(signal, "pthread_sigmask"):  # spawned while the parent held them (see _signals_held)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     _worker.clear()
-    _worker.update(tokenizer=tokenizer, dtype=dtype)
+    _worker.update(tokenizer=tokenizer, dtype=dtype, keep_crlf=keep_crlf)
 
 
 def _chars_in(task: Task) -> tuple[np.ndarray, int]:
     """The distinct code points of a task's text, and its size in bytes."""
-    seen = [np.flatnonzero(np.bincount(_code_points(read_piece(piece)))) for piece in task]
+    seen = [np.flatnonzero(np.bincount(_code_points(read_piece(piece, _worker['keep_crlf'])))) for piece in task]
     return np.unique(np.concatenate(seen)), _task_bytes(task)
 
 
@@ -320,7 +358,8 @@ def _tokens_of(task: Task) -> tuple[np.ndarray, int]:
     tokenizer, dtype = _worker["tokenizer"], _worker["dtype"]
     parts = []
     for piece in task:
-        parts.extend(tokenizer.encode_array(part).astype(dtype) for part in split_text(read_piece(piece)))
+        text = read_piece(piece, _worker["keep_crlf"])
+        parts.extend(tokenizer.encode_array(part).astype(dtype) for part in split_text(text))
         if piece[3] and tokenizer.eot_id is not None:
             parts.append(np.array([tokenizer.eot_id], dtype=dtype))
     return np.concatenate(parts), _task_bytes(task)
@@ -336,25 +375,28 @@ def default_workers() -> int:
 
 
 def _in_order(fn: Any, tasks: list[Task], workers: int, tokenizer: Tokenizer | None = None,
-              dtype: str | None = None) -> Iterator[Any]:
+              dtype: str | None = None, keep_crlf: bool = False) -> Iterator[Any]:
     """fn(task) for every task, in order, from `workers` processes (or this one when it is 1).
 
     At most two tasks per worker are in flight, so memory stays bounded however many tasks there
     are. Workers are spawned, not forked: the parent may hold torch or tokenizer threads.
     """
     if workers <= 1:
-        _start_worker(tokenizer, dtype, child=False)
+        _start_worker(tokenizer, dtype, keep_crlf, child=False)
         yield from map(fn, tasks)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(tokenizer, dtype))
+                               initializer=_start_worker, initargs=(tokenizer, dtype, keep_crlf))
     pending: deque = deque()
     try:
-        for task in tasks:
-            pending.append(pool.submit(fn, task))
+        for n, task in enumerate(tasks):
+            # A worker is spawned by a submit, which writes its start-up data down a pipe: a signal
+            # mid-write would leave it half-started, printing a traceback of its own. So signals wait.
+            with _signals_held() if n < workers else contextlib.nullcontext():
+                pending.append(pool.submit(fn, task))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:
@@ -363,12 +405,26 @@ def _in_order(fn: Any, tasks: list[Task], workers: int, tokenizer: Tokenizer | N
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM delivered on the way out instead of inside (the main thread on POSIX; elsewhere a no-op)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _write_splits(tokenizer: Tokenizer, dtype: np.dtype, tasks: dict[str, list[Task]], out: Path, workers: int,
-                  progress: Any) -> dict[str, int]:
+                  progress: Any, keep_crlf: bool = False) -> dict[str, int]:
     """Tokenize each split's tasks into out/<split>.bin (written to a temporary name, then renamed)."""
     counts: dict[str, int] = {}
     everything = [task for split_tasks in tasks.values() for task in split_tasks]
-    with contextlib.closing(_in_order(_tokens_of, everything, workers, tokenizer, dtype.name)) as results:
+    with contextlib.closing(_in_order(_tokens_of, everything, workers, tokenizer, dtype.name, keep_crlf)) as results:
         for split, split_tasks in tasks.items():
             path = out / f"{split}.bin"
             tmp = path.with_name(path.name + ".tmp")
@@ -385,7 +441,7 @@ def _write_splits(tokenizer: Tokenizer, dtype: np.dtype, tasks: dict[str, list[T
                 os.replace(tmp, path)
             except OSError as e:
                 tmp.unlink(missing_ok=True)
-                raise GptlabError(f"could not write {path} ({e.strerror or e}); free disk space or choose another --out") from None
+                raise GptlabError(f"could not write {path}: {cause(e, path)}") from None
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -400,11 +456,12 @@ class TaskCorpus:
     all_tasks: list[Task]
     workers: int = 1
     progress: Any = None
+    keep_crlf: bool = False
 
     def chars(self) -> list[str]:
         """Every distinct character of the whole text, counted by the worker processes."""
         seen = []
-        with contextlib.closing(_in_order(_chars_in, self.all_tasks, self.workers)) as results:
+        with contextlib.closing(_in_order(_chars_in, self.all_tasks, self.workers, keep_crlf=self.keep_crlf)) as results:
             for chars, size in results:
                 seen.append(chars)
                 if self.progress is not None:
@@ -415,16 +472,16 @@ class TaskCorpus:
         """The training text in parts that tokenize as the whole would (see `split_text`)."""
         for task in self.train_tasks:
             for piece in task:
-                yield from split_text(read_piece(piece))
+                yield from split_text(read_piece(piece, self.keep_crlf))
                 if self.progress is not None:
                     self.progress(piece[2] - piece[1])
 
 
 def build_tokenizer(spec: str, train_tasks: list[Task], all_tasks: list[Task], workers: int = 1,
-                    progress: Any = None) -> Tokenizer:
+                    progress: Any = None, keep_crlf: bool = False) -> Tokenizer:
     """Make the tokenizer a --tokenizer spec asks for, learning from the text where its kind must."""
     kind, size = tokenizer_kind(spec)
-    return kind.from_corpus(size, TaskCorpus(train_tasks, all_tasks, workers, progress))
+    return kind.from_corpus(size, TaskCorpus(train_tasks, all_tasks, workers, progress, keep_crlf))
 
 
 def default_data_dir(name: str, spec: str) -> Path:
@@ -439,6 +496,7 @@ def prepare(
     val_fraction: float = 0.1,
     log: Any = print,
     workers: int = 0,
+    keep_crlf: bool = False,
 ) -> Path:
     """Tokenize text into `out` (train.bin, val.bin, meta.json, tokenizer files); returns `out`.
 
@@ -456,10 +514,11 @@ def prepare(
     out = Path(out) if out else default_data_dir(name, tokenizer)
     if out.exists() and not out.is_dir():
         raise GptlabError(f"{out} exists and is not a folder; choose another --out")
+    check_writes_kind(out, "data")
     train_segs, val_segs = plan_split(files, val_fraction)
     if not train_segs or not val_segs:
         raise GptlabError("the text is too short to split into train and val; give more text")
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out)
     total_bytes = sum(p.stat().st_size for p in files)
     workers = workers or (default_workers() if total_bytes > kind.parallel_bytes else 1)
     t0 = time.time()
@@ -467,10 +526,10 @@ def prepare(
         f"{f' ({workers} processes)' if workers > 1 else ''}")
     tasks = {"train": plan_tasks(train_segs, CHUNK_BYTES), "val": plan_tasks(val_segs, CHUNK_BYTES)}
     with _progress_bar(total_bytes, kind.learning or "", enabled=kind.learning is not None) as bar:
-        tok = build_tokenizer(tokenizer, tasks["train"], tasks["train"] + tasks["val"], workers, bar.update)
+        tok = build_tokenizer(tokenizer, tasks["train"], tasks["train"] + tasks["val"], workers, bar.update, keep_crlf)
     dtype = token_dtype(tok.vocab_size)
     with _progress_bar(total_bytes, "tokenizing") as bar:
-        counts = _write_splits(tok, dtype, tasks, out, workers, bar.update)
+        counts = _write_splits(tok, dtype, tasks, out, workers, bar.update, keep_crlf)
     n_train, n_val = counts["train"], counts["val"]
     tok.save(out)
     meta = {
@@ -483,6 +542,7 @@ def prepare(
         "train_tokens": n_train,
         "val_tokens": n_val,
         "val_fraction": val_fraction,
+        "line_ends": "kept" if keep_crlf else "lf",
         "bytes": total_bytes,
         "sources": [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": file_digest(p)} for p in files],
     }
@@ -514,7 +574,8 @@ def matches_sources(data_dir: Path, inputs: list[str], tokenizer: str, val_fract
         _, files = resolve_inputs(inputs)
     except GptlabError:
         return False
-    if meta.get("tokenizer") != tokenizer or meta.get("val_fraction") != val_fraction:
+    if meta.get("tokenizer") != tokenizer or meta.get("val_fraction") != val_fraction \
+            or meta.get("line_ends", "kept") != "lf":
         return False
     known = [(s["path"], s["bytes"], s["sha256"]) for s in meta.get("sources", [])]
     return known == [(str(p.resolve()), p.stat().st_size, file_digest(p)) for p in files]

@@ -46,11 +46,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], hint: str 
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as e:
-        with_tmp = tmp.exists()
-        if with_tmp:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
         raise GptlabError(f"could not write {path}: {cause(e, path)}; {kept}{hint}") from None
+    except BaseException:  # Ctrl-C or SIGTERM mid-write: no stray temporary file
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, hint: str = "") -> None:

@@ -39,8 +39,8 @@ from gptlab.device import autodetect_device
 from gptlab.engine import Engine
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
-from gptlab.rundir import read_run_config, weights_path
-from gptlab.tokenizer import Tokenizer, load_tokenizer, start_ids
+from gptlab.rundir import check_run
+from gptlab.tokenizer import Tokenizer, start_ids
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
@@ -230,9 +230,7 @@ def _config(config: SampleConfig | None, settings: dict[str, Any]) -> SampleConf
 def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto", slide: int | None = None) -> TextModel:
     """Load a run folder (config, tokenizer, weights) ready to generate text."""
     run_dir = Path(run_dir)
-    model_cfg, train_cfg, _ = read_run_config(run_dir)
-    tokenizer = load_tokenizer(run_dir)
-    path = weights_path(run_dir, checkpoint)
+    model_cfg, train_cfg, tokenizer, path = check_run(run_dir, checkpoint)
     model = GPT(model_cfg)
     load_weights_into(model, path)
     model.to(autodetect_device(device))

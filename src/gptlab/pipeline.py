@@ -12,10 +12,13 @@ Design choices:
   (`sizing.choose`), and the choice is printed with its reason.
 - `--init-from` is resolved here, into the shape, weights and tokenizer `train` starts from, so the
   trainer never reads foreign folders.
+- The run folder is locked while training writes it (`rundir.RunLock`), and a folder of another kind
+  (prepared data, an export) is never trained into.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,8 @@ from typing import Any
 from gptlab import distributed
 from gptlab.config import ModelConfig, TrainConfig, parse_duration, resolve_config
 from gptlab.errors import GptlabError
-from gptlab.rundir import CONFIG
+from gptlab.folders import check_writes_kind
+from gptlab.rundir import CONFIG, RunLock, check_run, default_run_dir
 
 
 def training_settings(preset: str | None, config_file: str | None, resume: str | None,
@@ -35,6 +39,7 @@ def training_settings(preset: str | None, config_file: str | None, resume: str |
             raise GptlabError(f"--resume {resume}: no run there (no {CONFIG}); give the folder of an earlier run")
         if preset or config_file:
             raise GptlabError("--resume takes its settings from the run's config.json; drop --preset/--config")
+        check_run(resume, "last")  # its files must belong together before training continues them
         config_file = os.path.join(resume, CONFIG)
         overrides["out"] = resume
     model_cfg, train_cfg = resolve_config(preset, config_file, overrides)
@@ -64,7 +69,13 @@ def run_training(inputs: list[str], overrides: dict[str, Any], preset: str | Non
         if not train_cfg.data:
             raise GptlabError("no training data; pass --data <prepared folder> or a text file (gptlab train my.txt)")
         init = load_init(train_cfg.init_from, model_cfg, load_tokenizer(train_cfg.data), train_cfg.data)
-    return train(model_cfg, train_cfg, resume=bool(resume), overwrite=overwrite, quiet=quiet, init=init)
+    if not train_cfg.data:
+        raise GptlabError("no training data; pass --data <prepared folder> or a text file (gptlab train my.txt)")
+    run_dir = Path(train_cfg.out) if train_cfg.out else default_run_dir(train_cfg.data)
+    check_writes_kind(run_dir, "run")
+    lock = RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext()
+    with lock:  # one trainer per run folder; under torchrun, rank 0 holds it for all
+        return train(model_cfg, train_cfg, resume=bool(resume), overwrite=overwrite, quiet=quiet, init=init)
 
 
 def prepare_for_training(inputs: list[str], train_cfg: TrainConfig, quiet: bool) -> Path:

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 from gptlab.config import ModelConfig, TrainConfig, read_config_file
 from gptlab.errors import GptlabError
 from gptlab.fsutil import atomic_write_text, read_json_object
+from gptlab.tokenizer import Tokenizer, load_tokenizer
 
 CONFIG = "config.json"
 BEST = "best.safetensors"
@@ -49,23 +51,88 @@ def default_run_dir(data_dir: str | Path) -> Path:
 
 def write_run_config(run_dir: Path, model: ModelConfig, train: TrainConfig, tokenizer: dict[str, Any]) -> None:
     """Write config.json: the resolved model, training and tokenizer settings."""
-    import json
-
     payload = {"model": asdict(model), "train": asdict(train), "tokenizer": tokenizer}
     atomic_write_text(run_dir / CONFIG, json.dumps(payload, indent=1) + "\n")
 
 
 def read_run_config(run_dir: str | Path) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
-    """Model and train configs plus the tokenizer summary from a run's config.json."""
+    """Model and train configs plus the tokenizer summary from a run's config.json.
+
+    The model section must name every shape setting: a missing one would silently take a default
+    the weights were not trained with. (Training settings added in later versions may be absent.)
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise GptlabError(f"run folder {run_dir} not found; train one with `gptlab train --out {run_dir}`")
-    if not (run_dir / CONFIG).is_file():
+    path = run_dir / CONFIG
+    if not path.is_file():
         raise GptlabError(f"{run_dir} has no config.json, so it is not a gptlab run folder")
-    model, train = read_config_file(run_dir / CONFIG)
-    raw = read_json_object(run_dir / CONFIG, f"{run_dir / CONFIG} not found")
+    raw = read_json_object(path, f"{path} not found", "restore it from a copy of the run")
+    model_section = raw.get("model")
+    if not isinstance(model_section, dict) or "train" not in raw:
+        raise GptlabError(f"{path} has no \"model\" and \"train\" sections, so it is not a run's config.json")
+    missing = [f.name for f in fields(ModelConfig) if f.name not in model_section]
+    if missing:
+        raise GptlabError(f"{path} lacks the key model.{missing[0]}; put back the value the run was trained with "
+                          "(the weights fix the shape), or retrain")
+    heads, width = model_section.get("n_head"), model_section.get("n_embd")
+    if isinstance(heads, int) and isinstance(width, int) and heads > 0 and width % heads:
+        raise GptlabError(f"{path}: model.n_head {heads} does not divide model.n_embd {width}; the file was "
+                          "edited: put back the value the run was trained with")
+    try:
+        model, train = read_config_file(path)
+        model_cfg, train_cfg = ModelConfig(**model), TrainConfig(**train)
+    except GptlabError as e:
+        raise GptlabError(f"{path} holds a setting gptlab cannot use ({e}); put back the value the run was trained "
+                          "with") from None
     tokenizer = raw.get("tokenizer", {})
-    return ModelConfig(**model), TrainConfig(**train), tokenizer if isinstance(tokenizer, dict) else {}
+    return model_cfg, train_cfg, tokenizer if isinstance(tokenizer, dict) else {}
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a safetensors file holds, read from its header alone (no torch, no weights)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100 << 20:
+                raise ValueError("bad header size")
+            header = json.loads(f.read(size))
+        return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise GptlabError(f"weights file {path} is corrupt or truncated; use another checkpoint (best/last) "
+                          "or retrain") from None
+
+
+def check_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[ModelConfig, TrainConfig, Tokenizer, Path]:
+    """Open a run folder, checking its files against each other; its configs, tokenizer and weights path.
+
+    config.json's keys, the tokenizer it records against tokenizer.json, and the shapes of the chosen
+    weights (when they exist yet) against the config: a run whose files come from different places is
+    refused with one line, before anything is computed with it.
+    """
+    run_dir = Path(run_dir)
+    model_cfg, train_cfg, recorded = read_run_config(run_dir)
+    tokenizer = load_tokenizer(run_dir)
+    kind, size = str(recorded.get("type", tokenizer.name)).split(":")[0], recorded.get("vocab_size", tokenizer.vocab_size)
+    if kind != tokenizer.name or size != tokenizer.vocab_size:
+        raise GptlabError(
+            f"{run_dir / 'tokenizer.json'} holds a {tokenizer.name} tokenizer of {tokenizer.vocab_size:,} tokens, but "
+            f"the run was trained with {kind} ({size:,} tokens, config.json); the tokenizer files were replaced: "
+            "restore the run's own, or retrain")
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise GptlabError(f"{run_dir}: the tokenizer has {tokenizer.vocab_size:,} tokens but the model only "
+                          f"{model_cfg.vocab_size:,}; the files come from different runs")
+    path = weights_path(run_dir, checkpoint)
+    if path.is_file():
+        expected, got = model_cfg.param_shapes(), weight_shapes(path)
+        if expected != got:
+            wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+            missing = sorted(set(expected) - set(got))
+            detail = (f"{wrong[0]} is {got[wrong[0]]}, config.json says {expected[wrong[0]]}" if wrong else
+                      f"missing {missing[0]}" if missing else f"unexpected {sorted(set(got) - set(expected))[0]}")
+            raise GptlabError(f"weights in {path} do not fit the model in config.json ({detail}); "
+                              "the files come from different runs")
+    return model_cfg, train_cfg, tokenizer, path
 
 
 def is_run_dir(path: Path) -> bool:
@@ -137,7 +204,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
 def run_summary(run_dir: str | Path) -> dict[str, Any]:
     """What `gptlab info` shows about a run folder."""
     run_dir = Path(run_dir)
-    model_cfg, train_cfg, tok = read_run_config(run_dir)
+    model_cfg, train_cfg, _, _ = check_run(run_dir)
+    tok = read_run_config(run_dir)[2]
     rows = read_metrics(run_dir)
     vals = [r["val_loss"] for r in rows if not math.isnan(r["val_loss"])]
     files = {name: str((run_dir / name).resolve()) for name in RUN_FILES if (run_dir / name).is_file()}
@@ -154,3 +222,78 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
         "last_val_loss": vals[-1] if vals else None,
         "files": files,
     }
+
+
+LOCK = ".gptlab-train.lock"
+
+
+class RunLock:
+    """Held while `gptlab train` writes a run folder: a second trainer of the same folder is refused.
+
+    The lock file holds the owner's PID. A lock whose process is gone (a crash, a kill -9) is stale
+    and taken over, so a crashed run never stays locked. Creating it with O_EXCL makes two trainers
+    that start at once agree on one owner.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+        self.created_dir = False
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        import os
+
+        from gptlab.fsutil import check_writable_folder
+
+        self.created_dir = not self.run_dir.exists()
+        check_writable_folder(self.run_dir)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and _alive(owner):
+                    self._undo_dir()
+                    raise GptlabError(f"{self.run_dir} is being trained by process {owner}; wait for it to finish, "
+                                      f"stop it, or train into another --out") from None
+                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            self.held = True
+            return self
+        raise GptlabError(f"could not lock {self.run_dir} for training; remove {self.path} if no gptlab trains there")
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _undo_dir(self) -> None:
+        if self.created_dir:
+            try:
+                self.run_dir.rmdir()  # only if still empty: nothing of the user's is ever removed
+            except OSError:
+                pass
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+        self._undo_dir()
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -21,13 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gptlab.errors import GptlabError
+from gptlab.folders import check_replaceable, check_writes_kind, write_export_marker
 from gptlab.fsutil import fsync_tree, write_text
 from gptlab.hf.card import model_card
 from gptlab.hf.gpt2 import hf_config, hf_generation_config, hf_state_dict
 from gptlab.hf.source import ExportSource, load_source
 from gptlab.hf.space import write_space
 from gptlab.hf.tokenizers import write_hf_tokenizer
-from gptlab.rundir import CHECKPOINT_FILES, LOSS_PLOT
+from gptlab.rundir import LOSS_PLOT
 
 
 def write_hf(src: ExportSource, folder: Path) -> None:
@@ -56,13 +57,13 @@ def _check_target(out: Path, run_dir: Path, overwrite: bool) -> None:
         raise GptlabError(f"--out {out} is a file, not a folder; choose another --out")
     if not out.is_dir() or not any(out.iterdir()):
         return
+    check_writes_kind(out, "export")
     if not overwrite:
         raise GptlabError(f"{out} already exists and is not empty; pass --overwrite to replace it, or choose another --out")
     target, cwd = out.resolve(), Path.cwd().resolve()
-    holds_run = any((out / name).is_file() for name in CHECKPOINT_FILES)
-    if target in (cwd, *cwd.parents) or target in (run_dir.resolve(), *run_dir.resolve().parents) \
-            or holds_run or (out / "meta.json").is_file():
-        raise GptlabError(f"--overwrite would delete {out}, which holds a run, data or the current folder; choose another --out")
+    if target in (cwd, *cwd.parents) or target in (run_dir.resolve(), *run_dir.resolve().parents):
+        raise GptlabError(f"--overwrite would delete {out}, which holds the current folder or the run; choose another --out")
+    check_replaceable(out, "export")
 
 def export(run_dir: str | Path, out: str | Path | None = None, fmt: str = "hf", checkpoint: str = "best",
            overwrite: bool = False) -> Path:
@@ -84,6 +85,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, fmt: str = "hf", 
     try:
         staging.mkdir()
         FORMATS[fmt](src, staging)
+        write_export_marker(staging, fmt)
         fsync_tree(staging)
         if target.is_dir():
             os.replace(target, previous)

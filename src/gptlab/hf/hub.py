@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from gptlab.errors import GptlabError
+from gptlab.folders import EXPORT_MARKER
 from gptlab.hf.space import SPACE_APP
 
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
@@ -29,7 +30,7 @@ def upload_listing(folder: str | Path) -> list[tuple[str, int]]:
         # Running a Space's app.py leaves bytecode and Gradio's working files beside it.
         left_by_running = {"__pycache__", ".gradio"} & set(rel.parts)
         if path.is_file() and rel.parts[0] != ".git" and rel.parts[:2] != (".cache", "huggingface") \
-                and not left_by_running:
+                and not left_by_running and rel.as_posix() != EXPORT_MARKER:
             files.append((rel.as_posix(), path.stat().st_size))
     return files
 

@@ -136,7 +136,7 @@ def write_space(src: ExportSource, folder: Path) -> None:
     for name in (*rundir.TOKENIZER_FILES, rundir.METRICS, rundir.LOSS_PLOT):
         if (src.run_dir / name).is_file():
             shutil.copyfile(src.run_dir / name, model_dir / name)
-    shutil.copytree(Path(__file__).resolve().parent, folder / "gptlab",
+    shutil.copytree(Path(__file__).resolve().parent.parent, folder / "gptlab",
                     ignore=shutil.ignore_patterns("__pycache__", "*.py[co]", ".*"))
     write_text(folder / SPACE_APP, APP_TEMPLATE.format(name=src.name or model_name, models=SPACE_MODELS,
                                                        run=model_name))

@@ -44,7 +44,45 @@ class ApiGuard:
             if error is not None:
                 await error.response()(scope, receive, send)
                 return
+            receive = await self.read_body(scope, receive, send)
+            if receive is None:
+                return
         await self.app(scope, receive, send)
+
+    async def read_body(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        """The body read here, at most `max_body` bytes whatever the transfer encoding; a `receive` that replays it.
+
+        A chunked upload has no Content-Length to check up front, so the ceiling is applied to the
+        bytes as they arrive: the 413 goes out as soon as they pass it, and the rest is never read.
+        None when the answer has been sent (too large, or the client left).
+        """
+        from gptlab.serve.openai_api import ApiError
+
+        parts, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                error = ApiError(413, f"the request body is over {self.max_body:,} bytes, the most this server reads "
+                                      "(raise --max-prompt-chars for longer prompts)", code="body_too_large")
+                await error.response()(scope, receive, send)
+                return None
+            parts.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(parts)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect that cancels a generation
+
+        return replay
 
     def check(self, headers: dict[bytes, bytes]) -> Any:
         """An ApiError for a missing or wrong key or an oversized body, else None."""

@@ -10,7 +10,7 @@ from typing import Any
 from gptlab.config import SampleConfig
 from gptlab.errors import GptlabError
 from gptlab.generation import Finish, TextModel
-from gptlab.rundir import LOSS_PLOT, read_run_config, run_summary
+from gptlab.rundir import LOSS_PLOT, check_run, run_summary
 from gptlab.serve.limits import GenerationQueue, Limits
 
 
@@ -72,7 +72,7 @@ def check_runs(runs: Sequence[str | Path]) -> list[str]:
     if not runs:
         raise GptlabError("give at least one run folder to serve (gptlab serve runs/NAME)")
     for run in runs:
-        read_run_config(run)
+        check_run(run)
     names = model_names(runs)
     if len(set(names)) != len(names):
         raise GptlabError("the same run folder is given twice; give each run once")
