@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from gptlab.config import ModelConfig
+from gptlab.config import ModelConfig, SampleConfig
 from gptlab.engine import decode, decode_threads, make_generator
 from gptlab.model import GPT
 
@@ -106,7 +106,8 @@ def bench_size(name: str, runs: int, threads: int | None) -> list[tuple[str, str
     rows = []
 
     def engine() -> None:
-        for _ in decode(model, prompt, 1, new_tokens, make_generator("cpu", 0), top_k=TOP_K, threads=threads):
+        config = SampleConfig(max_new_tokens=new_tokens, temperature=1.0, top_k=TOP_K)
+        for _ in decode(model, prompt, config, make_generator("cpu", 0), threads=threads):
             pass
 
     seconds = timed(engine, runs)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from dataclasses import fields
 
-from gptlab.config import ModelConfig, TrainConfig
+from gptlab.config import SAMPLE_FIELD_NAMES, ModelConfig, SampleConfig, TrainConfig
 
 TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
               "--eval-iters", "2", "--num-samples", "1", "--sample-tokens", "30", "--warmup-iters", "2"]
@@ -86,3 +86,17 @@ def test_resume_from_the_command_line(tmp_path, small_corpus):
     assert "resuming" in r.stdout
     info = json.loads(gptlab("info", tmp_path / "run", "--json").stdout)
     assert info["steps"] == 10
+
+
+def test_sample_flags_are_the_cli_names_of_the_table():
+    assert list(SAMPLE_FIELD_NAMES) == [f.name for f in fields(SampleConfig)]
+    r = gptlab("sample", "--help")
+    assert r.returncode == 0
+    for names in SAMPLE_FIELD_NAMES.values():
+        assert names["cli"] in r.stdout.split(), names
+
+
+def test_bad_min_p_names_the_flag(tiny_run):
+    r = gptlab("sample", tiny_run, "--min-p", "1.5")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "gptlab sample: error: --min-p must be in [0, 1] (0 = off), got 1.5"

@@ -107,7 +107,7 @@ def test_generation_past_the_context_slides_the_window(slide):
 def test_slide_1_is_nanogpt_sampling_exactly():
     model = tiny(block_size=16)
     idx = torch.randint(0, 50, (2, 3))
-    ours = generate(model, idx, 40, temperature=0.9, top_k=20, generator=torch.Generator().manual_seed(5), slide=1)
+    ours = generate(model, idx, 40, temperature=0.9, top_k=20, seed=5, slide=1)
     g = torch.Generator().manual_seed(5)
     ref = idx
     with torch.inference_mode():
@@ -226,7 +226,7 @@ def test_draw_follows_the_probabilities():
 def test_tensor_generate_keeps_its_shape_and_the_callers_rows():
     model = tiny(block_size=16)
     idx = torch.randint(0, 50, (3, 4))
-    out = generate(model, idx, 30, generator=torch.Generator().manual_seed(0))
+    out = generate(model, idx, 30, seed=0)
     assert out.shape == (3, 34) and torch.equal(out[:, :4], idx)
     assert out.requires_grad is False and not out.is_inference()
 
@@ -234,7 +234,7 @@ def test_tensor_generate_keeps_its_shape_and_the_callers_rows():
 def test_small_models_decode_on_one_thread_and_restore_the_setting():
     model = tiny()
     torch.set_num_threads(2)
-    steps = decode(model, torch.tensor([[1]]), 1, 3, make_generator("cpu", 0))
+    steps = decode(model, torch.tensor([[1]]), SampleConfig(max_new_tokens=3), make_generator("cpu", 0))
     next(steps)
     assert torch.get_num_threads() == decode_threads(model) == 1
     steps.close()

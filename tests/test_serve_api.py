@@ -146,6 +146,28 @@ def test_bad_value_raises_bad_request(client):
         client.completions.create(model="nosuch", prompt="ROMEO:")
 
 
+def test_bad_min_p_names_the_parameter(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="ROMEO:", extra_body={"min_p": 1.5})
+    assert e.value.body["param"] == "min_p"
+    assert e.value.body["message"] == "min_p must be in [0, 1] (0 = off), got 1.5"
+
+
+def test_min_p_reaches_generation(client):
+    greedy = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=30, temperature=0).choices[0].text
+    hot = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=30, temperature=2.0, seed=1,
+                                    extra_body={"min_p": 1.0}).choices[0].text
+    assert hot == greedy  # min_p 1 keeps only the most likely token
+
+
+def test_every_api_name_in_the_table_is_a_request_field():
+    from gptlab.config import SAMPLE_FIELD_NAMES
+    from gptlab.serve.openai_api import Sampling
+
+    names = {names["api"] for names in SAMPLE_FIELD_NAMES.values() if names["api"]}
+    assert names - set(Sampling.model_fields) == set()
+
+
 def test_raw_stream_is_server_sent_events(server):
     with httpx.stream("POST", f"{server.url}/v1/completions",
                       json={"model": MODEL, "prompt": "ROMEO:", "max_tokens": 5, "stream": True}) as r:

@@ -10,7 +10,10 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from gptlab.config import SAMPLE_FIELD_NAMES, SettingError
+from gptlab.serve import Limits
 from gptlab.serve.page import SEPARATOR
+from gptlab.serve.params import page_config
 from tests.servers import main_server, wait_idle
 
 MODEL = "tiny"
@@ -26,9 +29,9 @@ def client(server):
     return Client(server.url + "/", verbose=False, analytics_enabled=False, download_files=False)
 
 
-def settings(prompt="ROMEO:", max_new_tokens=40, num_samples=1, temperature=0.8, top_k=0, top_p=1.0,
+def settings(prompt="ROMEO:", max_new_tokens=40, num_samples=1, temperature=0.8, top_k=0, top_p=1.0, min_p=0.0,
              repetition_penalty=1.0, stop="", seed=1):
-    return (MODEL, prompt, max_new_tokens, num_samples, temperature, top_k, top_p, repetition_penalty, stop, seed)
+    return (MODEL, prompt, max_new_tokens, num_samples, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed)
 
 
 def test_predict_continues_the_prompt(client):
@@ -102,3 +105,34 @@ def test_cancelling_stops_the_generation(client, server):
         time.sleep(0.05)
     job.cancel()
     assert wait_idle(server.url, MODEL, timeout=5) < 5  # 20,000 tokens would take far longer
+
+
+def test_controls_are_the_sample_fields_labelled_from_the_table(client):
+    parameters = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]
+    assert [p["parameter_name"] for p in parameters[:2]] == ["name", "prompt"]
+    shown = {p["parameter_name"]: p["label"] for p in parameters[2:]}
+    assert shown == {field: names["page"] for field, names in SAMPLE_FIELD_NAMES.items() if names["page"]}
+
+
+def test_min_p_reaches_generation(client):
+    # Min-p 1 keeps only the most likely token, so even a hot temperature gives the greedy text.
+    greedy = client.predict(*settings(temperature=0), api_name="/generate")
+    hot = [client.predict(*settings(temperature=2.0, min_p=1.0, seed=seed), api_name="/generate") for seed in (1, 2)]
+    assert hot == [greedy, greedy]
+    assert client.predict(*settings(temperature=2.0, seed=1), api_name="/generate") != greedy
+
+
+def test_page_names_a_bad_setting_by_its_label(client):
+    with pytest.raises(AppError, match=r"^Max new tokens must be an integer from 1 to 20,000 "
+                                       r"\(this server's --max-new-tokens-limit\), got 2\.5$"):
+        client.predict(*settings(max_new_tokens=2.5), api_name="/generate")
+
+
+def test_bad_min_p_on_the_page_names_min_p():
+    # The slider keeps a browser within [0, 1]; what reaches the handler is checked by SampleConfig.
+    values = dict(max_new_tokens=10, min_p=1.5)
+    with pytest.raises(SettingError) as e:
+        page_config("ROMEO:", values, Limits())
+    assert e.value.field == "min_p"
+    assert e.value.message_for("page") == "Min-p must be in [0, 1] (0 = off), got 1.5"
+    assert page_config("ROMEO:", {**values, "min_p": 0.25}, Limits()).min_p == 0.25

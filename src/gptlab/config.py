@@ -6,6 +6,10 @@ Design choices:
 - Precedence is preset < config file < flags, resolved by `resolve_config`.
 - `vocab_size = 0` means "take it from the tokenizer"; the data decides, not the preset.
 - Every check a user can fail lives in `__post_init__` and raises `GptlabError` naming the flag.
+- A sampling setting has a name on each front end: a flag of `gptlab sample`, a control of the page,
+  a parameter of the API. `SAMPLE_FIELD_NAMES` is the one table of them. SampleConfig's checks raise
+  `SettingError` with the field and the problem; its text is the CLI's, and `message_for(front)`
+  words it with that front end's name.
 """
 
 from __future__ import annotations
@@ -319,6 +323,39 @@ def resolve_config(
     return ModelConfig(**model), TrainConfig(**train)
 
 
+# Each sampling field's name on each front end: a flag of `gptlab sample`, a label on the page, a
+# parameter of the API (None: that front end does not take it).
+SAMPLE_FIELD_NAMES: dict[str, dict[str, str | None]] = {
+    "max_new_tokens": {"cli": "--max-new-tokens", "page": "Max new tokens", "api": "max_tokens"},
+    "num_samples": {"cli": "--num-samples", "page": "Samples", "api": "n"},
+    "temperature": {"cli": "--temperature", "page": "Temperature", "api": "temperature"},
+    "top_k": {"cli": "--top-k", "page": "Top-k", "api": "top_k"},
+    "top_p": {"cli": "--top-p", "page": "Top-p", "api": "top_p"},
+    "min_p": {"cli": "--min-p", "page": "Min-p", "api": "min_p"},
+    "repetition_penalty": {"cli": "--repetition-penalty", "page": "Repetition penalty", "api": "repetition_penalty"},
+    "seed": {"cli": "--seed", "page": "Seed", "api": "seed"},
+    "stop": {"cli": "--stop", "page": "Stop strings", "api": "stop"},
+    "max_new_tokens_limit": {"cli": "--max-new-tokens-limit", "page": None, "api": None},
+}
+
+
+class SettingError(GptlabError):
+    """A sampling setting the checks refuse: which field, and what is wrong with its value."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field, self.problem = field, problem
+        super().__init__(self.message_for("cli"))
+
+    def name_for(self, front: str) -> str:
+        """The field's name on `front` ("cli", "page" or "api"); its flag where that front end has none."""
+        names = SAMPLE_FIELD_NAMES[self.field]
+        return names[front] or names["cli"]  # type: ignore[return-value]
+
+    def message_for(self, front: str) -> str:
+        """The message, naming the field as `front` ("cli", "page" or "api") names it."""
+        return f"{self.name_for(front)} {self.problem}"
+
+
 @dataclass
 class SampleConfig:
     """How to sample: lengths, randomness, the sampling filters and where to stop."""
@@ -345,28 +382,28 @@ class SampleConfig:
 
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not is_int(self.max_new_tokens_limit) or self.max_new_tokens_limit < 1:
-            raise GptlabError(f"--max-new-tokens-limit must be an integer >= 1, got {self.max_new_tokens_limit!r}")
+            raise SettingError("max_new_tokens_limit", f"must be an integer >= 1, got {self.max_new_tokens_limit!r}")
         if not is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= self.max_new_tokens_limit:
-            raise GptlabError(
-                f"--max-new-tokens must be an integer from 1 to {self.max_new_tokens_limit:,} "
+            raise SettingError(
+                "max_new_tokens", f"must be an integer from 1 to {self.max_new_tokens_limit:,} "
                 f"(raise the ceiling with --max-new-tokens-limit), got {self.max_new_tokens!r}"
             )
         if not is_int(self.num_samples) or self.num_samples < 1:
-            raise GptlabError(f"--num-samples must be an integer >= 1, got {self.num_samples!r}")
+            raise SettingError("num_samples", f"must be an integer >= 1, got {self.num_samples!r}")
         if not is_number(self.temperature) or self.temperature < 0:
-            raise GptlabError(f"--temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+            raise SettingError("temperature", f"must be a number >= 0 (0 = greedy), got {self.temperature!r}")
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
-            raise GptlabError(f"--top-k must be an integer >= 1 (leave it out for no top-k), got {self.top_k!r}")
+            raise SettingError("top_k", f"must be an integer >= 1 (leave it out for no top-k), got {self.top_k!r}")
         if not is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise GptlabError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p!r}")
+            raise SettingError("top_p", f"must be in (0, 1] (1 = off), got {self.top_p!r}")
         if not is_number(self.min_p) or not 0 <= self.min_p <= 1:
-            raise GptlabError(f"--min-p must be in [0, 1] (0 = off), got {self.min_p!r}")
+            raise SettingError("min_p", f"must be in [0, 1] (0 = off), got {self.min_p!r}")
         if not is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise GptlabError(f"--repetition-penalty must be a number > 0 (1 = off), got {self.repetition_penalty!r}")
+            raise SettingError("repetition_penalty", f"must be a number > 0 (1 = off), got {self.repetition_penalty!r}")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
-            raise GptlabError(f"--seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
+            raise SettingError("seed", f"must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise GptlabError("--stop strings must be non-empty text")
+            raise SettingError("stop", "strings must be non-empty text")
 
 
 # How samples.txt, the model card and an export's generation_config.json sample (nanoGPT's sample.py).

@@ -26,23 +26,29 @@ Design choices:
   at least half the context and one recompute is paid per `slide` tokens (a 33-token recompute of
   the cpu-tiny shape costs about four one-token steps). `slide=1` recomputes for every token and
   gives exactly nanoGPT's sampling (always the last `block_size` tokens).
+- The decode loop takes the `SampleConfig` itself (its lengths and its sampling knobs), so a new
+  knob is a field there and a line here, not a new argument on every call between them.
 - The decode loop runs under `torch.inference_mode` and does per token only the model step, the
   draw and two small copies. `decode` yields a (B, 1) tensor per step; `Engine.stream` turns it
   into a list of ids with None for samples that have ended (end-of-text).
 - A small model (up to 512 wide) decodes on the CPU with one intra-op thread, set for the duration
-  of the loop and restored after: at one token per step its matrices are too small to split, and a
-  second OpenMP thread only adds hand-offs (and stalls badly when another process holds a core).
+  of the loop and restored after (`device.intra_op_threads`): at one token per step its matrices are
+  too small to split, and a second OpenMP thread only adds hand-offs (and stalls badly when another
+  process holds a core).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch.nn import functional as F
 
 from gptlab.config import SampleConfig
+from gptlab.device import intra_op_threads
 from gptlab.errors import GptlabError
 
 # Up to this width a decode step's matrices are too small to split: a second thread only adds
@@ -209,22 +215,18 @@ def default_slide(block_size: int) -> int:
 def decode(
     model: torch.nn.Module,
     prompt: torch.Tensor,
-    num_rows: int,
-    max_new_tokens: int,
+    config: SampleConfig,
     generator: torch.Generator | None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
     slide: int | None = None,
     threads: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next ids (num_rows, 1) once per step, `max_new_tokens` times.
+    """Yield the next ids (config.num_samples, 1) once per step, `config.max_new_tokens` times.
 
-    `prompt` is (1, T), shared by every row, or (num_rows, T), one prompt per row. `threads` sets
-    torch's intra-op threads while the generator runs (default: `decode_threads(model)`).
+    `prompt` is (1, T), shared by every row, or (num_samples, T), one prompt per row. The draws come
+    from `generator` (`config.seed` is the caller's to turn into one). `threads` sets torch's
+    intra-op threads while the generator runs (default: `decode_threads(model)`).
     """
+    num_rows, max_new_tokens, penalty = config.num_samples, config.max_new_tokens, config.repetition_penalty
     block_size = model.config.block_size
     slide = default_slide(block_size) if slide is None else slide
     if not 1 <= slide <= block_size:
@@ -251,22 +253,19 @@ def decode(
         history[:, :T0] = prompt
     n = T0
     seen = None
-    if repetition_penalty != 1.0:
+    if penalty != 1.0:
         seen = torch.zeros(num_rows, model.config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, prompt.expand(num_rows, -1), True)
 
-    threads = decode_threads(model) if threads is None else threads
-    previous_threads = torch.get_num_threads()
-    if threads != previous_threads:
-        torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(decode_threads(model) if threads is None else threads):
         logits = model.forward_cached(prompt, cache)  # (1 or num_rows, V)
         if logits.size(0) != num_rows:
             logits = logits.expand(num_rows, -1)
         for step in range(max_new_tokens):
             if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            next_ids = sample_next(logits, generator, temperature, top_k, top_p, min_p)  # (B, 1)
+                logits = apply_repetition_penalty(logits, seen, penalty)
+            next_ids = sample_next(logits, generator, config.temperature, config.top_k, config.top_p,
+                                   config.min_p)  # (B, 1)
             yield next_ids
             if step == max_new_tokens - 1:
                 break
@@ -280,9 +279,6 @@ def decode(
                 logits = model.forward_cached(history[:, n - keep : n], cache)
             else:
                 logits = model.forward_cached(next_ids, cache)
-    finally:
-        if threads != previous_threads:
-            torch.set_num_threads(previous_threads)
 
 
 class Engine:
@@ -304,11 +300,7 @@ class Engine:
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         generator = make_generator(self.device, config.seed)
         ended = [False] * config.num_samples
-        steps = decode(
-            self.model, ids, config.num_samples, config.max_new_tokens, generator, config.temperature,
-            config.top_k, config.top_p, config.min_p, config.repetition_penalty, self.slide,
-        )
-        for next_ids in steps:
+        for next_ids in decode(self.model, ids, config, generator, self.slide):
             column: list[int | None] = next_ids.view(-1).tolist()
             for row, token in enumerate(column):
                 if ended[row] or token == self.eot_id:
@@ -333,18 +325,18 @@ def generate(
     model: torch.nn.Module,
     idx: torch.Tensor,
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
+    config: SampleConfig | None = None,
     slide: int | None = None,
+    **settings: Any,
 ) -> torch.Tensor:
-    """Append `max_new_tokens` sampled ids to every row of `idx` (B, T); returns (B, T + max_new_tokens)."""
+    """Append `max_new_tokens` sampled ids to every row of `idx` (B, T); returns (B, T + max_new_tokens).
+
+    nanoGPT's generate: no stop at end-of-text. How to sample: `config` and/or SampleConfig fields
+    as keywords (e.g. temperature=0.8, top_k=200, seed=1337); the draws come from `seed`.
+    """
     if max_new_tokens < 1:
         return idx
-    steps = decode(model, idx, idx.size(0), max_new_tokens, generator, temperature, top_k, top_p, min_p,
-                   repetition_penalty, slide)
-    new = torch.cat(list(steps), dim=1).to(idx.device)
+    config = replace(config or SampleConfig(), max_new_tokens=max_new_tokens, num_samples=idx.size(0), **settings)
+    generator = make_generator(next(model.parameters()).device, config.seed)
+    new = torch.cat(list(decode(model, idx, config, generator, slide)), dim=1).to(idx.device)
     return torch.cat([idx, new.clone()], dim=1)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from gptlab import rundir
-from gptlab.config import SAMPLES_SETTINGS
+from gptlab.config import SAMPLES_SETTINGS, SampleConfig
 from gptlab.engine import generate
 from gptlab.errors import GptlabError
 from gptlab.fsutil import atomic_write_bytes, atomic_write_text
@@ -63,20 +63,19 @@ def save_figure(fig: Any, path: Path) -> Path:
 
 @torch.no_grad()
 def write_samples(run_dir: str | Path, model: torch.nn.Module, tokenizer: Any, num_samples: int,
-                  max_new_tokens: int, seed: int = 1337, temperature: float = SAMPLES_SETTINGS.temperature,
-                  top_k: int | None = SAMPLES_SETTINGS.top_k) -> list[str]:
-    """Write `num_samples` unprompted samples to samples.txt; returns them."""
+                  max_new_tokens: int, seed: int = 1337, settings: SampleConfig = SAMPLES_SETTINGS) -> list[str]:
+    """Write `num_samples` unprompted samples to samples.txt, sampled as `settings` says; returns them."""
     if num_samples < 1:
         return []
     device = next(model.parameters()).device
     model.eval()
     prompt = start_ids(tokenizer)
-    g = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
-    out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=g)
+    out = generate(model, idx, max_new_tokens, settings, seed=seed)
     texts = [tokenizer.decode(row[len(prompt):].tolist()) for row in out]
     body = "\n\n=== Next Sequence ===\n\n".join(texts)
-    header = f"# {num_samples} samples, {max_new_tokens} tokens each, temperature {temperature}, top-k {top_k}, seed {seed}\n\n"
+    header = (f"# {num_samples} samples, {max_new_tokens} tokens each, temperature {settings.temperature}, "
+              f"top-k {settings.top_k}, seed {seed}\n\n")
     atomic_write_text(Path(run_dir) / rundir.SAMPLES, header + body + "\n")
     return texts
 

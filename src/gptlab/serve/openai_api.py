@@ -11,8 +11,9 @@ Design choices:
   the parameter and what it accepts.
 - Request bodies are pydantic models in strict mode, so "0.5" for a number or 2.5 for an integer is
   a 400, not silently converted. null means the default, as in OpenAI's API.
-- The values themselves are checked by `SampleConfig`, the same rules as `gptlab sample` and the
-  page; its messages are reworded from flag names to parameter names.
+- The sampling parameters become a SampleConfig in `serve/params.py`, the translation the page
+  shares, checked by the same rules as `gptlab sample`; a bad value is a 400 whose message and
+  `param` give the parameter's name (from config's SAMPLE_FIELD_NAMES).
 - Defaults are OpenAI's: temperature 1, top_p 1, n 1, and max_tokens 16 for completions. Chat
   defaults to 256 new tokens (OpenAI's "until done" would be the whole ceiling for a base model).
   top_k, min_p and repetition_penalty are extra parameters (`extra_body` in the openai client).
@@ -41,23 +42,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from gptlab.config import SampleConfig
+from gptlab.config import SampleConfig, SettingError
 from gptlab.errors import GptlabError
 from gptlab.serve.limits import Busy, Job, Limits
 from gptlab.serve.models import ServedModel
+from gptlab.serve.params import api_config
 
 COMPLETION_MAX_TOKENS = 16
 CHAT_MAX_TOKENS = 256
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"
-MAX_STOP_STRINGS = 16
-
-# SampleConfig speaks in CLI flags; the API's callers know the parameter names.
-PARAMS = {
-    "--max-new-tokens": "max_tokens", "--num-samples": "n", "--temperature": "temperature", "--top-k": "top_k",
-    "--top-p": "top_p", "--min-p": "min_p", "--repetition-penalty": "repetition_penalty", "--seed": "seed",
-    "--stop": "stop",
-}
 
 # What each field accepts, for the message when a request gives the wrong type.
 EXPECTED = {
@@ -225,30 +219,10 @@ def sample_config(body: Sampling, limits: Limits, default_max_tokens: int, max_t
         if value is not None and value != neutral:
             raise ApiError(400, f"{name} is not supported by this server; use repetition_penalty (e.g. 1.1) instead",
                            param=name)
-    if max_tokens is None:
-        max_tokens = min(default_max_tokens, limits.max_new_tokens_limit)
-    elif not 1 <= max_tokens <= limits.max_new_tokens_limit:
-        raise ApiError(400, f"max_tokens must be an integer from 1 to {limits.max_new_tokens_limit:,} "
-                            f"(this server's --max-new-tokens-limit), got {max_tokens}", param="max_tokens")
-    n = 1 if body.n is None else body.n
-    if not 1 <= n <= limits.max_n:
-        raise ApiError(400, f"n must be an integer from 1 to {limits.max_n} (this server's --max-n), got {n}", param="n")
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    if len(stop) > MAX_STOP_STRINGS:
-        raise ApiError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
-    settings = dict(max_new_tokens=max_tokens, num_samples=n, temperature=body.temperature, top_p=body.top_p,
-                    top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=body.seed)
-    defaults = {"temperature": 1.0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
-    settings = {k: defaults.get(k) if v is None else v for k, v in settings.items()}
     try:
-        return SampleConfig(**settings, stop=stop + extra_stop, max_new_tokens_limit=limits.max_new_tokens_limit)
-    except GptlabError as e:
-        message, param = str(e), None
-        for flag, name in PARAMS.items():
-            if message.startswith(flag + " "):
-                message, param = name + message[len(flag):], name
-                break
-        raise ApiError(400, message, param=param) from None
+        return api_config({**body.model_dump(), "max_tokens": max_tokens}, limits, default_max_tokens, extra_stop)
+    except SettingError as e:
+        raise ApiError(400, e.message_for("api"), param=e.name_for("api")) from None
 
 
 def check_prompts(served: ServedModel, prompts: list[str], limits: Limits, param: str) -> int:

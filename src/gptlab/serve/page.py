@@ -4,6 +4,10 @@ Design choices:
 - `build_page` needs only loaded models, so the same Blocks serve under `gptlab serve` (mounted
   beside the API, sharing its models and queues) or alone, e.g. as a Hugging Face Space
   (`build_page(load_models(["runs/x"], Limits())).launch()`).
+- The sampling controls are one list, `controls`, of SampleConfig fields: each is labelled from
+  SAMPLE_FIELD_NAMES, reaches the handler as a keyword of that field's name (so also in the
+  `/generate` API of gradio_client), and becomes a SampleConfig in `serve/params.py`, the
+  translation the API shares. A bad value is reported with the control's label.
 - Generation goes through the model's `GenerationQueue`, as the API's does: one ceiling for both.
   Gradio's own per-event limit is off (concurrency_limit=None) so it does not queue in front of it.
 - Several samples stream side by side into one box, each shown with its prompt and separated by an
@@ -20,22 +24,15 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from gptlab.config import SampleConfig
+from gptlab.config import SAMPLE_FIELD_NAMES, SettingError
 from gptlab.errors import GptlabError
-from gptlab.generation import unescape
 from gptlab.serve.limits import Busy, Limits
 from gptlab.serve.models import ServedModel
+from gptlab.serve.params import page_config
 
 SEPARATOR = "\n\n=== Next Sequence ===\n\n"
 UPDATE_EVERY = 0.05  # seconds between updates of the streamed text
 EXAMPLES = ("ROMEO:", "JULIET:\nO Romeo, Romeo!", "Once upon a time", "The meaning of life is")
-
-# SampleConfig's messages name CLI flags; the page shows labels.
-LABELS = {
-    "--max-new-tokens": "Max new tokens", "--num-samples": "Samples", "--temperature": "Temperature",
-    "--top-k": "Top-k", "--top-p": "Top-p", "--repetition-penalty": "Repetition penalty", "--seed": "Seed",
-    "--stop": "Stop strings",
-}
 
 
 def _gradio() -> Any:
@@ -45,34 +42,20 @@ def _gradio() -> Any:
     return gr
 
 
-def page_config(prompt: str, max_new_tokens: float, num_samples: float, temperature: float, top_k: float | None,
-                top_p: float, repetition_penalty: float, stop: str, seed: float | None,
-                limits: Limits) -> SampleConfig:
-    """The SampleConfig the page's controls describe (top-k 0 = off, seed -1 = random, stop strings one per line)."""
-    def whole(value: float | None) -> int | None:
-        return int(value) if value is not None and float(value).is_integer() else value  # type: ignore[return-value]
-
-    if len(prompt) > limits.max_prompt_chars:
-        raise GptlabError(f"the prompt is {len(prompt):,} characters; this server takes at most "
-                          f"{limits.max_prompt_chars:,}")
-    n = whole(num_samples)
-    if isinstance(n, int) and n > limits.max_n:
-        raise GptlabError(f"Samples must be at most {limits.max_n}, got {n}")
-    try:
-        return SampleConfig(
-            max_new_tokens=whole(max_new_tokens), num_samples=n, temperature=float(temperature),
-            top_k=whole(top_k) or None, top_p=float(top_p), repetition_penalty=float(repetition_penalty),
-            seed=None if seed is None or seed == -1 else whole(seed),
-            stop=tuple(unescape(s) for s in (stop or "").splitlines() if s),
-            max_new_tokens_limit=limits.max_new_tokens_limit,
-        )
-    except GptlabError as e:
-        message = str(e)
-        for flag, label in LABELS.items():
-            if message.startswith(flag + " "):
-                message = label + message[len(flag):]
-                break
-        raise GptlabError(message) from None
+def controls(limits: Limits) -> list[tuple[str, str, dict[str, Any]]]:
+    """The sampling controls, top to bottom: (SampleConfig field, gradio component, its settings)."""
+    return [
+        ("max_new_tokens", "Slider", dict(minimum=1, maximum=limits.max_new_tokens_limit, step=1,
+                                          value=min(200, limits.max_new_tokens_limit))),
+        ("num_samples", "Slider", dict(minimum=1, maximum=limits.max_n, step=1, value=1)),
+        ("temperature", "Slider", dict(minimum=0, maximum=2, step=0.05, value=0.8, info="0 = greedy")),
+        ("top_k", "Number", dict(value=0, precision=0, minimum=0, info="0 = off")),
+        ("top_p", "Slider", dict(minimum=0.01, maximum=1, step=0.01, value=1.0, info="1 = off")),
+        ("min_p", "Slider", dict(minimum=0, maximum=1, step=0.01, value=0.0, info="0 = off")),
+        ("repetition_penalty", "Slider", dict(minimum=0.5, maximum=2, step=0.05, value=1.0, info="1 = off")),
+        ("stop", "Textbox", dict(value="", lines=2, placeholder="one per line; \\n means a newline")),
+        ("seed", "Number", dict(value=-1, precision=0, minimum=-1, info="-1 = random")),
+    ]
 
 
 def build_page(models: Sequence[ServedModel], limits: Limits | None = None, title: str = "gptlab",
@@ -86,16 +69,15 @@ def build_page(models: Sequence[ServedModel], limits: Limits | None = None, titl
     first = models[0]
     examples = [p for p in EXAMPLES if _encodes(first, p)]
 
-    async def generate(name: str, prompt: str, max_new_tokens: float, num_samples: float, temperature: float,
-                       top_k: float | None, top_p: float, repetition_penalty: float, stop: str,
-                       seed: float | None) -> AsyncIterator[str]:
+    async def generate(name: str, prompt: str, **settings: Any) -> AsyncIterator[str]:
         served = by_name.get(name) or first
         prompt = prompt or ""
         try:
-            config = page_config(prompt, max_new_tokens, num_samples, temperature, top_k, top_p,
-                                 repetition_penalty, stop, seed, limits)
+            config = page_config(prompt, settings, limits)
             served.prompt_tokens(prompt)
             job = served.queue.submit(lambda: served.work([prompt], config))
+        except SettingError as e:
+            raise gr.Error(e.message_for("page")) from None
         except GptlabError as e:
             raise gr.Error(str(e)) from None
         except Busy as e:
@@ -134,16 +116,8 @@ def build_page(models: Sequence[ServedModel], limits: Limits | None = None, titl
                     output = gr.Textbox(label="Generated text", lines=16, max_lines=40, buttons=["copy"],
                                         interactive=False, elem_id="output")
                 with gr.Column(scale=2):
-                    max_new_tokens = gr.Slider(1, limits.max_new_tokens_limit, step=1,
-                                               value=min(200, limits.max_new_tokens_limit), label="Max new tokens")
-                    num_samples = gr.Slider(1, limits.max_n, step=1, value=1, label="Samples")
-                    temperature = gr.Slider(0, 2, step=0.05, value=0.8, label="Temperature", info="0 = greedy")
-                    top_k = gr.Number(value=0, precision=0, minimum=0, label="Top-k", info="0 = off")
-                    top_p = gr.Slider(0.01, 1, step=0.01, value=1.0, label="Top-p", info="1 = off")
-                    repetition_penalty = gr.Slider(0.5, 2, step=0.05, value=1.0, label="Repetition penalty",
-                                                   info="1 = off")
-                    stop = gr.Textbox(value="", label="Stop strings", lines=2, placeholder="one per line; \\n means a newline")
-                    seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed", info="-1 = random")
+                    settings = {field: getattr(gr, kind)(label=SAMPLE_FIELD_NAMES[field]["page"], **options)
+                                for field, kind, options in controls(limits)}
             if examples:
                 gr.Examples([[e] for e in examples], inputs=[prompt], label="Example prompts")
         with gr.Tab("Model"):
@@ -153,8 +127,8 @@ def build_page(models: Sequence[ServedModel], limits: Limits | None = None, titl
                             buttons=["download", "fullscreen"])
             if api_help:
                 gr.Markdown(api_help)
-        inputs = [model, prompt, max_new_tokens, num_samples, temperature, top_k, top_p, repetition_penalty, stop, seed]
-        event = run.click(generate, inputs, output, api_name="generate", concurrency_limit=None)
+        event = run.click(generate, [model, prompt], output, inputs_kwargs=settings, api_name="generate",
+                          concurrency_limit=None)
         stop_button.click(None, None, None, cancels=[event])
         model.change(describe, model, [card, plot], api_visibility="private")
     return page
