@@ -9,7 +9,8 @@ from gptlab.checkpoint import read_weights
 from gptlab.config import resolve_config
 from gptlab.errors import GptlabError
 from gptlab.muon import Muon, OptimizerSet, orthogonalize
-from gptlab.train import make_optimizer, train
+from gptlab.optim import make_optimizer
+from gptlab.train import train
 
 from .conftest import TINY_MODEL
 

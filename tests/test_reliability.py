@@ -23,14 +23,18 @@ TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32
         "--learning-rate", "3e-3"]
 
 
-def launch(*args, env=None, **kw):
+# `python tests/inject_nan.py SPEC ...` is `gptlab ...` with NaN losses at the steps SPEC names
+INJECT_NAN = Path(__file__).with_name("inject_nan.py")
+
+
+def launch(*args, env=None, entry=("-m", "gptlab"), **kw):
     full_env = {**os.environ, **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "gptlab", *map(str, args)], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, *map(str, entry), *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=full_env, **kw)
 
 
-def run(*args, env=None):
-    p = launch(*args, env=env)
+def run(*args, env=None, entry=("-m", "gptlab")):
+    p = launch(*args, env=env, entry=entry)
     out, err = p.communicate(timeout=300)
     return p.returncode, out, err
 
@@ -137,7 +141,7 @@ def test_interrupt_saves_last_and_says_how_to_resume(tmp_path, data, sig):
 def test_nan_steps_are_skipped_and_a_streak_rolls_back_with_half_the_lr(tmp_path, data):
     run_dir = tmp_path / "run"
     code, out, err = run("train", "--data", data, "--out", run_dir, "--max-iters", "30", "--eval-interval", "10",
-                         "--nan-patience", "3", *TINY, env={"GPTLAB_INJECT_NAN": "5,12*3"})
+                         "--nan-patience", "3", *TINY, entry=(INJECT_NAN, "5,12*3"))
     assert code == 0, err
     assert "step 5: non-finite" in out and "(1 in a row)" in out
     assert "rolled back to step 10 with the learning rate halved" in out
@@ -151,7 +155,7 @@ def test_nan_steps_are_skipped_and_a_streak_rolls_back_with_half_the_lr(tmp_path
 def test_endless_nans_stop_with_a_message_after_the_last_rollback(tmp_path, data):
     code, out, err = run("train", "--data", data, "--out", tmp_path / "run", "--max-iters", "30",
                          "--eval-interval", "10", "--nan-patience", "2", "--max-rollbacks", "2", *TINY,
-                         env={"GPTLAB_INJECT_NAN": "12*1000"})
+                         entry=(INJECT_NAN, "12*1000"))
     assert code == 2
     assert out.count("rolled back") == 2
     lines = err.strip().splitlines()

@@ -211,6 +211,13 @@ class GPT(nn.Module):
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
+    def block_matrices(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The blocks' 2-D weights: the fused query/key/value matrices, and all the others (what Muon takes)."""
+        qkv = [block.attn.c_attn.weight for block in self.transformer.h]
+        fused = {id(p) for p in qkv}
+        other = [p for block in self.transformer.h for p in block.parameters() if p.dim() == 2 and id(p) not in fused]
+        return qkv, other
+
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6 per parameter plus attention (PaLM appendix B)."""
         c = self.config

@@ -1,33 +1,41 @@
-"""The training loop and what it needs: device and precision, schedule, evaluation, checkpoints, logs.
+"""The training loop and what it needs: the run folder, model, batches, budget, evaluation, checkpoints, logs.
 
 Design choices:
-- One flat loop in `train()`: fetch batch, forward, loss, backward (x grad_accum), clip, step, and
-  every `eval_interval` steps evaluate, log a metrics row and save `last` (and `best` when val
-  improves). The order of events is visible in one screen of code.
+- One flat loop in `train_steps`, in nanoGPT's order: fetch batch, forward, loss, backward
+  (x grad_accum), clip, step, log; then, every `eval_interval` steps and at the end, evaluate,
+  append a metrics row and save `last` (and `best` when val improves). Setup is a few small helpers
+  before it (`open_run_dir`, `build_model`, `make_batches`, `Budget`, `build_run`).
+- Where training stands is one `TrainState` (step, best val loss, tokens seen, time, LR scale,
+  rollbacks): a checkpoint saves it, and `--resume` and a rollback restore it.
+- A run is bounded by steps (--max-iters, --epochs) or by the clock (--time); `Budget` knows which
+  and how far along it is. With a clock, the learning rate decays over the fraction of time used.
 - Evaluation uses its own fixed-seed generators, so every evaluation scores the same batches
   (fair best-by-val comparisons) and never disturbs the training stream's randomness.
 - The learning rate is a linear warm-up then a cosine decay to `min_lr_ratio * learning_rate`.
-- `loss.item()` (a host sync) happens only at log and eval steps.
-- On a CPU without native bf16 (bf16 matmuls run 140-630x slower than float32 on e.g. Zen 3)
-  a request for bfloat16 or float16 falls back to float32 with a warning.
+- `loss.item()` (a host sync) happens only at log and eval steps; the one other sync per step is
+  the check that loss and gradient are finite. A non-finite step is skipped; `nan_patience` of them
+  in a row roll back to the last checkpoint with the learning rate halved, `max_rollbacks` times at
+  most. `loss_hooks` (empty unless a test installs one) may replace each loss: fault injection.
+- Precision comes from `device.resolve_dtype` (float32 on a CPU without native bf16), and the
+  process-wide settings (determinism, TF32 on CUDA, the CPU allocator) from `device.process_settings`,
+  held while a run trains and undone after it.
 - `torch.compile` (loss included) is on by default on CUDA, with CUDA graphs in a single process,
   and on a CPU for time budgets of 30 minutes or more, through a C++ wrapper (see
-  `compile_wanted`); if it fails, training continues eagerly. TF32 is on for float32 matmuls on CUDA.
-- On CPU, freed memory stays in the process (gptlab/cpu_memory.py): a large-vocabulary step then
-  reuses last step's pages instead of faulting fresh ones in.
+  `compile_wanted`); if it fails, training continues eagerly.
 - Under torchrun the model is wrapped in DistributedDataParallel; every rank draws the same global
   batch and keeps its slice (see `RandomBatches`), rank 0 alone prints and writes the run folder,
   and each rank's RNG state is gathered into the checkpoint (gptlab/distributed.py has the rest).
+- Ctrl-C and SIGTERM become a flag checked between steps (`StopRequest`): the run saves `last` and
+  stops with the command that resumes it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +46,25 @@ from torch.nn import functional as F
 from gptlab import checkpoint as ckpt
 from gptlab import distributed, rundir
 from gptlab.config import ModelConfig, TrainConfig, parse_duration
-from gptlab.cpu_memory import keep_freed_memory
-from gptlab.data import (
-    RandomBatches,
-    SlidingBatches,
-    check_enough_tokens,
-    load_tokens,
-    read_meta,
+from gptlab.data import RandomBatches, SlidingBatches, check_enough_tokens, load_tokens, read_meta
+from gptlab.device import (
+    autocast_for,
+    autodetect_device,
+    process_settings,
+    resolve_dtype,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    warn,
 )
-from gptlab.device import autodetect_device, resolve_dtype, rng_state, seed_everything, set_rng_state, warn
 from gptlab.errors import GptlabError, TrainingInterrupted
 from gptlab.model import GPT
-from gptlab.muon import Muon, OptimizerSet
+from gptlab.optim import make_optimizer
 from gptlab.sizing import memorisation_warning
 from gptlab.tokenizer import Tokenizer, load_tokenizer
+
+loss_hooks: list[Callable[[int, torch.Tensor], torch.Tensor]] = []
+"""Called as hook(step, loss) on every micro-batch's loss, each returning the loss to train on (fault injection)."""
 
 
 def learning_rate(step: int, cfg: TrainConfig, total_steps: int, time_fraction: float | None = None) -> float:
@@ -73,29 +86,6 @@ def learning_rate(step: int, cfg: TrainConfig, total_steps: int, time_fraction: 
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Any:
-    """AdamW with weight-decay groups (fused where the device has it), or Muon for the blocks' matrices plus AdamW."""
-    kwargs: dict[str, Any] = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
-    if cfg.optimizer == "muon":
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        in_blocks = [(n, p) for n, p in named if p.dim() == 2 and n.startswith("transformer.h.")]
-        qkv = [p for n, p in in_blocks if n.endswith("attn.c_attn.weight")]
-        other = [p for n, p in in_blocks if not n.endswith("attn.c_attn.weight")]
-        muon = Muon([{"params": qkv, "split": 3}, {"params": other}], lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
-        groups = model.optimizer_groups(cfg.weight_decay, exclude=frozenset(id(p) for _, p in in_blocks))
-        return OptimizerSet(muon, _adamw(groups, device, kwargs))
-    return _adamw(model.optimizer_groups(cfg.weight_decay), device, kwargs)
-
-
-def _adamw(groups: list[dict], device: torch.device, kwargs: dict[str, Any]) -> torch.optim.AdamW:
-    if device.type in ("cuda", "cpu"):
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, TypeError):
-            pass
-    return torch.optim.AdamW(groups, **kwargs)
-
-
 @dataclass
 class TrainResult:
     """What a finished run reports."""
@@ -109,6 +99,101 @@ class TrainResult:
     elapsed_sec: float
     num_params: int
     step_seconds: list[float]
+
+
+@dataclass
+class TrainState:
+    """Where training stands: what a checkpoint saves, and what --resume and a rollback restore."""
+
+    step: int = 0
+    best_val: float = math.inf
+    tokens_seen: int = 0
+    elapsed: float = 0.0  # seconds of training, every session of the run together
+    lr_scale: float = 1.0  # halved by each rollback
+    rollbacks: int = 0
+
+    def saved(self) -> dict[str, Any]:
+        """The fields under train_state.pt's names."""
+        return {"step": self.step, "best_val_loss": self.best_val, "tokens_seen": self.tokens_seen,
+                "elapsed_sec": self.elapsed, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> TrainState:
+        """The state `saved` wrote (runs from before rollbacks existed have no LR scale or rollback count)."""
+        return cls(step=int(saved["step"]), best_val=float(saved["best_val_loss"]),
+                   tokens_seen=int(saved["tokens_seen"]), elapsed=float(saved["elapsed_sec"]),
+                   lr_scale=float(saved.get("lr_scale", 1.0)), rollbacks=int(saved.get("rollbacks", 0)))
+
+
+def plan_steps(cfg: TrainConfig, train_tokens: int, block_size: int, sampler: Any) -> int:
+    """Total optimizer steps: --max-iters, or enough for --epochs passes over the train split."""
+    if cfg.epochs <= 0:
+        return cfg.max_iters
+    windows_per_step = cfg.batch_size * cfg.grad_accum * distributed.world_size()
+    if isinstance(sampler, SlidingBatches):
+        return max(1, math.ceil(cfg.epochs * sampler.windows_per_epoch() / windows_per_step))
+    return max(1, math.ceil(cfg.epochs * train_tokens / (windows_per_step * block_size)))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How far a run goes: `steps` optimizer steps, or `seconds` of wall-clock time (then the clock decides)."""
+
+    steps: int | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def plan(cls, cfg: TrainConfig, train_tokens: int, block_size: int, sampler: Any) -> Budget:
+        """--time's clock if given, else the steps --max-iters or --epochs make."""
+        if cfg.time:
+            return cls(seconds=parse_duration(cfg.time))
+        return cls(steps=plan_steps(cfg, train_tokens, block_size, sampler))
+
+    @property
+    def clocked(self) -> bool:
+        """Whether the clock, not a step count, ends the run."""
+        return self.seconds is not None
+
+    def done(self, step: int, elapsed: float) -> bool:
+        """Whether a run at `step` after `elapsed` seconds has spent its budget."""
+        if self.seconds is not None:
+            return elapsed >= self.seconds
+        return step >= (self.steps or 0)
+
+    def lr(self, step: int, elapsed: float, cfg: TrainConfig) -> float:
+        """The scheduled learning rate at `step` (before any rollback's scaling)."""
+        if self.seconds is not None:
+            return learning_rate(step, cfg, 0, elapsed / self.seconds)
+        return learning_rate(step, cfg, self.steps or 0)
+
+    def eta(self, step: int, elapsed: float, seconds_per_step: float) -> float:
+        """Seconds left: what the clock has left, or the steps left at the current pace."""
+        if self.seconds is not None:
+            return max(0.0, self.seconds - elapsed)
+        return ((self.steps or 0) - step) * seconds_per_step
+
+
+class Clock:
+    """Seconds of training: what earlier sessions of the run took, plus this session's so far."""
+
+    def __init__(self, before: float) -> None:
+        self.before, self.started = before, time.perf_counter()
+
+    def elapsed(self, now: float | None = None) -> float:
+        return self.before + (time.perf_counter() if now is None else now) - self.started
+
+
+class Throughput:
+    """Tokens trained per second since the last loss shown."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self, now: float | None = None) -> None:
+        self.since, self.tokens = time.perf_counter() if now is None else now, 0
+
+    def rate(self, now: float) -> float:
+        return self.tokens / max(now - self.since, 1e-9)
 
 
 class Progress:
@@ -145,62 +230,6 @@ class Progress:
             self.bar.close()
 
 
-# On a CPU, compiling the training step costs 25-35 s the first time (inductor's C++ build, two
-# cores) and then makes each step 4-7% faster (cpu-small and nanoGPT's recipe shape): it pays for
-# itself after about ten minutes, so `auto` turns it on only for budgets at least this long.
-CPU_COMPILE_MIN_BUDGET_SEC = 30 * 60
-
-
-def compile_wanted(setting: str, device_type: str, budget_sec: float) -> bool:
-    """Whether `--compile` (auto, on or off) compiles the training step on this device and budget."""
-    if setting != "auto":
-        return setting == "on"
-    if device_type == "cuda":
-        return True
-    return device_type == "cpu" and budget_sec >= CPU_COMPILE_MIN_BUDGET_SEC
-
-
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # reshape: on a GPU the training logits are a view cut from vocab-padded ones (see GPT.forward)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
-
-
-@torch.no_grad()
-def estimate_loss(
-    model: torch.nn.Module, splits: dict[str, np.ndarray], cfg: TrainConfig, block_size: int,
-    device: torch.device, autocast: Any,
-) -> dict[str, float]:
-    """Mean loss over `eval_iters` batches per split, the same batches at every evaluation."""
-    model.eval()
-    out = {}
-    for offset, (name, tokens) in enumerate(splits.items()):
-        batches = RandomBatches(tokens, block_size, cfg.batch_size, seed=cfg.seed + 1000 + offset,
-                                rank=distributed.rank(), world_size=distributed.world_size())
-        total = torch.zeros((), device=device)
-        for _ in range(cfg.eval_iters):
-            x, y = batches.next()
-            with autocast():
-                total += _cross_entropy(model(x.to(device)), y.to(device))
-        out[name] = distributed.mean((total / cfg.eval_iters).item())
-    model.train()
-    return out
-
-
-def resolve_run_dir(cfg: TrainConfig, meta: dict[str, Any]) -> Path:
-    """The --out folder, or runs/<data folder name>."""
-    return Path(cfg.out) if cfg.out else rundir.default_run_dir(cfg.data)
-
-
-def plan_steps(cfg: TrainConfig, train_tokens: int, block_size: int, sampler: Any) -> int:
-    """Total optimizer steps: --max-iters, or enough for --epochs passes over the train split."""
-    if cfg.epochs <= 0:
-        return cfg.max_iters
-    windows_per_step = cfg.batch_size * cfg.grad_accum * distributed.world_size()
-    if isinstance(sampler, SlidingBatches):
-        return max(1, math.ceil(cfg.epochs * sampler.windows_per_epoch() / windows_per_step))
-    return max(1, math.ceil(cfg.epochs * train_tokens / (windows_per_step * block_size)))
-
-
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint is never cut in half."""
 
@@ -229,53 +258,123 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def injected_nan_steps() -> Counter[int]:
-    """How many attempts at each step get a NaN loss, from GPTLAB_INJECT_NAN="12,20*3" (a fault-injection hook)."""
-    import os
+# --------------------------------------------------------------------------------------------------
+# The loss, compiled or eager
 
-    counts: Counter[int] = Counter()
-    for item in os.environ.get("GPTLAB_INJECT_NAN", "").split(","):
-        if item.strip():
-            at, _, times = item.partition("*")
-            counts[int(at)] += int(times or 1)
-    return counts
+# On a CPU, compiling the training step costs 25-35 s the first time (inductor's C++ build, two
+# cores) and then makes each step 4-7% faster (cpu-small and nanoGPT's recipe shape): it pays for
+# itself after about ten minutes, so `auto` turns it on only for budgets at least this long.
+CPU_COMPILE_MIN_BUDGET_SEC = 30 * 60
 
 
-def set_determinism(enabled: bool) -> None:
-    """Reproducible kernels: deterministic algorithms, no cuDNN autotuning (costs GPU speed)."""
-    import os
-
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled, warn_only=False)
-    torch.backends.cudnn.benchmark = not enabled
-    torch.backends.cudnn.deterministic = enabled
+def compile_wanted(setting: str, device_type: str, budget_sec: float) -> bool:
+    """Whether `--compile` (auto, on or off) compiles the training step on this device and budget."""
+    if setting != "auto":
+        return setting == "on"
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and budget_sec >= CPU_COMPILE_MIN_BUDGET_SEC
 
 
-def train(
-    model_cfg: ModelConfig,
-    cfg: TrainConfig,
-    resume: bool = False,
-    overwrite: bool = False,
-    quiet: bool = False,
-    init: tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer] | None = None,
-) -> TrainResult:
-    """Train a GPT on a prepared data folder and write the run folder; returns the summary.
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # reshape: on a GPU the training logits are a view cut from vocab-padded ones (see GPT.forward)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 
-    `init` is what `--init-from` names, resolved by the caller: shape, weights and tokenizer.
+
+def model_loss(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The function from a batch to its mean cross-entropy under `model`."""
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _cross_entropy(model(x), y)
+
+    return loss
+
+
+def compile_loss(loss: Callable, device: torch.device) -> Callable | None:
+    """`loss` through torch.compile with this device's options, or None where torch.compile is unavailable."""
+    # CUDA graphs replay a step's kernels with one launch each way: nanoGPT's Shakespeare-char step
+    # went from 13 to 7.8 ms on an H100. DDP's communication cannot be captured in a graph.
+    # On a CPU, a C++ wrapper calls the generated kernels without Python in between: ~2% per step
+    # at cpu-tiny.
+    how: dict[str, Any] = {}
+    if device.type == "cuda" and distributed.world_size() == 1:
+        how = dict(mode="reduce-overhead")
+    elif device.type == "cpu":
+        how = dict(options={"cpp_wrapper": True})
+    try:
+        return torch.compile(loss, **how)
+    except Exception as e:  # compile is an optimisation; never the reason a run fails
+        warn(f"torch.compile unavailable ({type(e).__name__}); training eagerly")
+        return None
+
+
+class StepLoss:
+    """A batch's training loss under autocast; compiled when asked, and eager for good once compiling fails.
+
+    The loss is compiled with the model: the float32 logits and softmax then never reach memory whole.
     """
-    distributed.init()
-    quiet = quiet or not distributed.is_main()
-    say = (lambda *a, **k: None) if quiet else (lambda text: print(text, flush=True))
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, autocast: Any, compile_on: bool) -> None:
+        self.eager = model_loss(model)
+        self.fn = (compile_loss(self.eager, device) if compile_on else None) or self.eager
+        self.autocast = autocast
+
+    @property
+    def compiled(self) -> bool:
+        return self.fn is not self.eager
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        try:
+            with self.autocast():
+                return self.fn(x, y)
+        except Exception as e:
+            if not self.compiled:
+                raise
+            warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); training eagerly")
+            self.fn = self.eager
+            with self.autocast():
+                return self.fn(x, y)
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: torch.nn.Module, splits: dict[str, np.ndarray], cfg: TrainConfig, block_size: int,
+    device: torch.device, autocast: Any,
+) -> dict[str, float]:
+    """Mean loss over `eval_iters` batches per split, the same batches at every evaluation."""
+    model.eval()
+    out = {}
+    for offset, (name, tokens) in enumerate(splits.items()):
+        batches = RandomBatches(tokens, block_size, cfg.batch_size, seed=cfg.seed + 1000 + offset,
+                                rank=distributed.rank(), world_size=distributed.world_size())
+        total = torch.zeros((), device=device)
+        for _ in range(cfg.eval_iters):
+            x, y = batches.next()
+            with autocast():
+                total += _cross_entropy(model(x.to(device)), y.to(device))
+        out[name] = distributed.mean((total / cfg.eval_iters).item())
+    model.train()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup
+
+
+def read_inputs(
+    model_cfg: ModelConfig, cfg: TrainConfig, resume: bool,
+    init: tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer] | None,
+) -> tuple[ModelConfig, Tokenizer, dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """The model's shape, the tokenizer, the starting weights (from --init-from) and the data folder's meta."""
     if not cfg.data:
         raise GptlabError("no training data; pass --data <prepared folder> or a text file (gptlab train my.txt)")
     meta = read_meta(cfg.data)
     tokenizer = load_tokenizer(cfg.data)
-    init_weights = None
+    weights = None
     if cfg.init_from and not resume:  # the shape and tokenizer come with the weights
         if init is None:
             raise GptlabError(f"--init-from {cfg.init_from}: resolve it with gptlab.hf.init.load_init and pass init=")
-        model_cfg, init_weights, tokenizer = init
+        model_cfg, weights, tokenizer = init
     if model_cfg.vocab_size == 0:
         model_cfg = replace(model_cfg, vocab_size=tokenizer.vocab_size)
     elif model_cfg.vocab_size < tokenizer.vocab_size:
@@ -283,11 +382,20 @@ def train(
             f"--vocab-size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
             "use --vocab-size 0 to take it from the tokenizer"
         )
-    train_tokens, val_tokens = load_tokens(cfg.data, "train"), load_tokens(cfg.data, "val")
-    check_enough_tokens(train_tokens, model_cfg.block_size, "train")
-    check_enough_tokens(val_tokens, model_cfg.block_size, "val")
+    return model_cfg, tokenizer, weights, meta
 
-    run_dir = resolve_run_dir(cfg, meta)
+
+def load_splits(data_dir: str, block_size: int) -> dict[str, np.ndarray]:
+    """The train and val tokens, each checked to hold more than one window."""
+    splits = {name: load_tokens(data_dir, name) for name in ("train", "val")}
+    for name, tokens in splits.items():
+        check_enough_tokens(tokens, block_size, name)
+    return splits
+
+
+def open_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    """The run folder (--out, or runs/<data folder name>), checked and ready: a run to resume, or room for a new one."""
+    run_dir = Path(cfg.out) if cfg.out else rundir.default_run_dir(cfg.data)
     if run_dir.exists() and not run_dir.is_dir():
         raise GptlabError(f"--out {run_dir} is a file, not a folder; choose another --out")
     if resume:
@@ -306,285 +414,336 @@ def train(
             rundir.clear_run_dir(run_dir)
     distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = replace(cfg, out=str(run_dir))
+    return run_dir
 
-    device = distributed.device_for_rank(autodetect_device(cfg.device))
-    dtype = resolve_dtype(cfg.dtype, device)
-    if device.type == "cpu":
-        keep_freed_memory()
-    if device.type == "cuda":  # float32 matmuls (outside autocast) on tensor cores, as TF32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    set_determinism(cfg.deterministic)
+
+def build_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
+                weights: dict[str, torch.Tensor] | None) -> GPT:
+    """The GPT, initialised from the run seed (or loaded from `weights`), on `device`."""
     seed_everything(cfg.seed)
     model = GPT(model_cfg).to(device)
-    if init_weights is not None:
-        model.load_state_dict(init_weights)
+    if weights is not None:
+        model.load_state_dict(weights)
     if distributed.world_size() > 1:  # same weights everywhere, but each rank its own dropout
         seed_everything(distributed.rank_seed(cfg.seed))
-    optimizer = make_optimizer(model, cfg, device)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-    if dtype == torch.float32:
-        autocast = contextlib.nullcontext
-    else:
-        autocast = lambda: torch.autocast(device_type=device.type, dtype=dtype)  # noqa: E731
+    return model
+
+
+def make_batches(tokens: np.ndarray, block_size: int, cfg: TrainConfig) -> RandomBatches | SlidingBatches:
+    """The training stream --sampler names, this rank's slice of each global batch."""
     ranks = dict(rank=distributed.rank(), world_size=distributed.world_size())
     if cfg.sampler == "sliding":
-        batches: Any = SlidingBatches(train_tokens, model_cfg.block_size, cfg.batch_size, cfg.seed, cfg.stride, **ranks)
-    else:
-        batches = RandomBatches(train_tokens, model_cfg.block_size, cfg.batch_size, cfg.seed, **ranks)
-    total_steps = plan_steps(cfg, len(train_tokens), model_cfg.block_size, batches)
-    budget = parse_duration(cfg.time) if cfg.time else 0.0
-    if budget:
-        total_steps = 10**12  # the clock decides
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size * distributed.world_size()
+        return SlidingBatches(tokens, block_size, cfg.batch_size, cfg.seed, cfg.stride, **ranks)
+    return RandomBatches(tokens, block_size, cfg.batch_size, cfg.seed, **ranks)
 
-    step, best_val, tokens_seen, elapsed_before = 0, float("inf"), 0, 0.0
-    lr_scale, rollbacks = 1.0, 0
-    metrics = rundir.MetricsLog(run_dir / rundir.METRICS)
 
-    def restore(state: dict[str, Any]) -> None:
-        nonlocal step, best_val, tokens_seen, elapsed_before, lr_scale, rollbacks
-        ckpt.load_weights_into(model, run_dir / rundir.LAST)
+@dataclass
+class Run:
+    """A run's working parts, built once before the loop, and how they save, restore and evaluate."""
+
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    run_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    model: GPT
+    ddp_model: torch.nn.Module  # the model itself in one process
+    optimizer: Any
+    scaler: torch.amp.GradScaler
+    batches: RandomBatches | SlidingBatches
+    splits: dict[str, np.ndarray]
+    budget: Budget
+    autocast: Callable[[], Any]  # a fresh autocast context (a no-op one for float32)
+    loss: StepLoss
+    metrics: rundir.MetricsLog
+    peak_lrs: list[float]  # each group's own peak: Muon's differs from AdamW's
+    losses: dict[str, float] = field(default_factory=lambda: {"train": math.nan, "val": math.nan})
+    evaluated_at: int | None = None  # the step of the latest evaluation (or resume point)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.model_cfg.block_size * distributed.world_size()
+
+    def set_lr(self, state: TrainState) -> float:
+        """Set every group's learning rate for the next step; returns the schedule's value at the AdamW peak."""
+        lr = self.budget.lr(state.step, state.elapsed, self.cfg) * state.lr_scale
+        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
+            group["lr"] = lr * peak / self.cfg.learning_rate
+        return lr
+
+    def save(self, state: TrainState, is_best: bool) -> None:
+        """Write the resume point (weights, optimizer, data position, RNG states, `state`), and `best` if asked."""
+        per_rank = distributed.gather({"sampler": self.batches.state_dict(), "rng": rng_state()})
+        if not distributed.is_main():
+            return
+        info = {"step": state.step, "val_loss": f"{self.losses['val']:.6f}", "tokens_seen": state.tokens_seen}
+        if is_best:
+            ckpt.save_weights(self.run_dir / rundir.BEST, self.model, info, self.run_dir)
+        saved = {
+            **state.saved(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "sampler": self.batches.state_dict(),
+            "rng": rng_state(),
+        }
+        if distributed.world_size() > 1:
+            saved["ranks"] = per_rank
+        ckpt.save_resume_point(self.run_dir, self.model, saved, info)
+
+    def restore(self) -> TrainState:
+        """Load the resume point into the model, optimizer, scaler, data stream and RNGs; returns its state."""
+        saved = ckpt.load_train_state(self.run_dir / rundir.TRAIN_STATE)
+        ckpt.load_weights_into(self.model, self.run_dir / rundir.LAST)
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(saved["optimizer"])
         except (ValueError, KeyError) as e:
             raise GptlabError(
-                f"{run_dir}'s optimizer state does not fit --optimizer {cfg.optimizer} ({e}); "
+                f"{self.run_dir}'s optimizer state does not fit --optimizer {self.cfg.optimizer} ({e}); "
                 "resume with the optimizer the run was started with"
             ) from None
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        per_rank = state.get("ranks") or [{"sampler": state["sampler"], "rng": state["rng"]}]
+        if saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        per_rank = saved.get("ranks") or [{"sampler": saved["sampler"], "rng": saved["rng"]}]
         if len(per_rank) == distributed.world_size():
-            batches.load_state_dict(per_rank[distributed.rank()]["sampler"])
+            self.batches.load_state_dict(per_rank[distributed.rank()]["sampler"])
             set_rng_state(per_rank[distributed.rank()]["rng"])
         else:  # the shared data stream continues; the other ranks' dropout streams cannot
             warn(f"the run was saved by {len(per_rank)} process(es) and continues in {distributed.world_size()}; "
                  "it will not match an uninterrupted run exactly")
-            batches.load_state_dict(state["sampler"])
+            self.batches.load_state_dict(saved["sampler"])
             if distributed.is_main():
-                set_rng_state(state["rng"])
-        step, best_val = int(state["step"]), float(state["best_val_loss"])
-        tokens_seen, elapsed_before = int(state["tokens_seen"]), float(state["elapsed_sec"])
-        lr_scale, rollbacks = float(state.get("lr_scale", 1.0)), int(state.get("rollbacks", 0))
+                set_rng_state(saved["rng"])
+        state = TrainState.from_saved(saved)
+        self.evaluated_at = state.step  # scored (or stopped) there already: the loop goes on from it
+        return state
 
-    if resume:
-        restore(ckpt.load_train_state(run_dir / rundir.TRAIN_STATE))
-        metrics.load(up_to_step=step)
-        say(f"resuming {run_dir} at step {step:,}" + ("" if budget else f" of {total_steps:,}"))
-    elif distributed.is_main():
-        tokenizer.save(run_dir)
-    if distributed.is_main():
-        rundir.write_run_config(run_dir, model_cfg, cfg, {"type": meta["tokenizer"], "vocab_size": tokenizer.vocab_size})
+    def evaluate_and_save(self, state: TrainState, progress: Progress) -> None:
+        """Score both splits, append a metrics row, save `last` (and `best` when val improved), show the losses."""
+        self.losses = estimate_loss(self.model, self.splits, self.cfg, self.model_cfg.block_size, self.device,
+                                    self.autocast)
+        self.evaluated_at = state.step
+        is_best = self.losses["val"] < state.best_val
+        state.best_val = min(state.best_val, self.losses["val"])
+        if distributed.is_main():
+            last_lr = self.budget.lr(max(state.step - 1, 0), state.elapsed, self.cfg) * state.lr_scale
+            self.metrics.append(
+                {
+                    "step": state.step, "tokens_seen": state.tokens_seen, "epoch": f"{self.batches.epoch():.4f}",
+                    "lr": f"{last_lr:.6g}",
+                    "train_loss": f"{self.losses['train']:.6f}", "val_loss": f"{self.losses['val']:.6f}",
+                    "tokens_per_sec": f"{state.tokens_seen / state.elapsed if state.elapsed > 0 else 0.0:.1f}",
+                    "elapsed_sec": f"{state.elapsed:.2f}",
+                },
+                ckpt.resume_hint(self.run_dir),
+            )
+        self.save(state, is_best)
+        progress.write(
+            f"step {state.step:>6}: train loss {self.losses['train']:.4f}, val loss {self.losses['val']:.4f}"
+            f"{' (best so far, saved)' if is_best else ''}"
+        )
 
-    compile_on = compile_wanted(cfg.compile, device.type, budget)
-    ddp_model = distributed.wrap(model, device)  # the model itself in one process
+    def between_steps(self, state: TrainState, clock: Clock, stop: StopRequest, progress: Progress) -> bool:
+        """Read the clock, evaluate and save when due, stop if asked to; returns whether training is over."""
+        # every rank follows rank 0's clock and stops when any rank was asked to
+        state.elapsed, stopping = distributed.agree(clock.elapsed(), stop.signal is not None)
+        finished = self.budget.done(state.step, state.elapsed)
+        if (state.step % self.cfg.eval_interval == 0 or finished) and state.step != self.evaluated_at:
+            self.evaluate_and_save(state, progress)
+            if self.cfg.target_loss and self.losses["val"] <= self.cfg.target_loss:
+                progress.write(f"reached target val loss {self.cfg.target_loss} at step {state.step}; stopping")
+                return True
+        if stopping:
+            self.save(state, is_best=False)
+            progress.close()
+            nproc = f" --nproc {distributed.world_size()}" if distributed.world_size() > 1 else ""
+            raise TrainingInterrupted(
+                f"stopped at step {state.step} and saved {self.run_dir / rundir.LAST}; "
+                f"continue with `gptlab train --resume {self.run_dir}{nproc}`"
+            )
+        return finished
 
-    def model_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _cross_entropy(ddp_model(x), y)
+    def roll_back(self, state: TrainState, progress: Progress) -> TrainState:
+        """Return to the last checkpoint with the learning rate halved, or give up after `max_rollbacks`."""
+        if state.rollbacks >= self.cfg.max_rollbacks:
+            progress.close()
+            raise GptlabError(
+                f"training diverged: non-finite loss after {state.rollbacks} rollbacks; lower --learning-rate "
+                f"(now {self.cfg.learning_rate * state.lr_scale:.2e}) or use --dtype float32, then --resume {self.run_dir}"
+            )
+        distributed.barrier()  # rank 0 has finished writing the checkpoint
+        restored = self.restore()
+        restored.lr_scale, restored.rollbacks = state.lr_scale * 0.5, state.rollbacks + 1
+        self.metrics.truncate(restored.step)
+        progress.write(
+            f"rolled back to step {restored.step} with the learning rate halved (x{restored.lr_scale:g}); "
+            f"rollback {restored.rollbacks} of {self.cfg.max_rollbacks}"
+        )
+        return restored
 
-    # The loss is compiled with the model: the float32 logits and softmax then never reach memory whole.
-    train_loss: Any = model_loss
-    if compile_on:
-        try:
-            # CUDA graphs replay a step's kernels with one launch each way: nanoGPT's Shakespeare-char step
-            # went from 13 to 7.8 ms on an H100. DDP's communication cannot be captured in a graph.
-            # On a CPU, a C++ wrapper calls the generated kernels without Python in between: ~2% per step
-            # at cpu-tiny.
-            how: dict[str, Any] = {}
-            if device.type == "cuda" and distributed.world_size() == 1:
-                how = dict(mode="reduce-overhead")
-            elif device.type == "cpu":
-                how = dict(options={"cpp_wrapper": True})
-            train_loss = torch.compile(model_loss, **how)
-        except Exception as e:  # compile is an optimisation; never the reason a run fails
-            warn(f"torch.compile unavailable ({type(e).__name__}); training eagerly")
-    n_params = model.num_params()
-    say(
-        f"model: {n_params:,} parameters ({model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
-        f"{model_cfg.n_embd} wide, context {model_cfg.block_size}, vocab {model_cfg.vocab_size:,})"
+
+def build_run(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, device: torch.device,
+              weights: dict[str, torch.Tensor] | None, splits: dict[str, np.ndarray]) -> Run:
+    """The model, optimizer, grad scaler, batches, budget and loss of a run, ready for the loop."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = build_model(model_cfg, cfg, device, weights)
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+    batches = make_batches(splits["train"], model_cfg.block_size, cfg)
+    budget = Budget.plan(cfg, len(splits["train"]), model_cfg.block_size, batches)
+    ddp_model = distributed.wrap(model, device)
+    autocast = autocast_for(device, dtype)
+    compile_on = compile_wanted(cfg.compile, device.type, budget.seconds or 0.0)
+    return Run(
+        cfg=cfg, model_cfg=model_cfg, run_dir=run_dir, device=device, dtype=dtype, model=model, ddp_model=ddp_model,
+        optimizer=optimizer, scaler=scaler, batches=batches, splits=splits, budget=budget, autocast=autocast,
+        loss=StepLoss(ddp_model, device, autocast, compile_on),
+        metrics=rundir.MetricsLog(run_dir / rundir.METRICS), peak_lrs=[g["lr"] for g in optimizer.param_groups],
     )
+
+
+def start_state(run: Run, resume: bool, tokenizer: Tokenizer, meta: dict[str, Any], say: Callable) -> TrainState:
+    """Step 0, or the resume point; config.json (and for a new run the tokenizer) written to the run folder."""
+    if resume:
+        state = run.restore()
+        run.metrics.load(up_to_step=state.step)
+        say(f"resuming {run.run_dir} at step {state.step:,}" + ("" if run.budget.clocked else f" of {run.budget.steps:,}"))
+    else:
+        state = TrainState()
+        if distributed.is_main():
+            tokenizer.save(run.run_dir)
+    if distributed.is_main():
+        tokenizer_summary = {"type": meta["tokenizer"], "vocab_size": tokenizer.vocab_size}
+        rundir.write_run_config(run.run_dir, run.model_cfg, run.cfg, tokenizer_summary)
+    return state
+
+
+def describe(run: Run, say: Callable, quiet: bool) -> None:
+    """Print the model, the data, the device and the run folder; warn when the model could memorise the data."""
+    m, train_tokens = run.model_cfg, len(run.splits["train"])
+    n_params = run.model.num_params()
+    say(f"model: {n_params:,} parameters ({m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
+        f"context {m.block_size}, vocab {m.vocab_size:,})")
     say(
-        f"data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens from {cfg.data}; "
-        f"{tokens_per_step:,} tokens per step; device {device}, {str(dtype).replace('torch.', '')}"
-        f"{', compiled' if train_loss is not model_loss else ''}"
+        f"data: {train_tokens:,} train / {len(run.splits['val']):,} val tokens from {run.cfg.data}; "
+        f"{run.tokens_per_step:,} tokens per step; device {run.device}, {str(run.dtype).replace('torch.', '')}"
+        f"{', compiled' if run.loss.compiled else ''}"
         f"{f'; {distributed.world_size()} processes' if distributed.world_size() > 1 else ''}"
     )
-    say(f"run folder: {run_dir}")
-    too_big = memorisation_warning(n_params, len(train_tokens))
-    if too_big and distributed.is_main() and not quiet:
+    say(f"run folder: {run.run_dir}")
+    too_big = memorisation_warning(n_params, train_tokens)
+    if too_big and not quiet:
         warn(too_big)
+    if run.budget.clocked:
+        say(f"training for {run.cfg.time} of wall-clock time; the learning rate decays over the budget")
 
-    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        nonlocal train_loss
-        try:
-            with autocast():
-                return train_loss(x, y)
-        except Exception as e:
-            if train_loss is model_loss:
-                raise
-            warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); training eagerly")
-            train_loss = model_loss
-            with autocast():
-                return model_loss(x, y)
 
-    def save_checkpoint(is_best: bool, val_loss: float) -> None:
-        per_rank = distributed.gather({"sampler": batches.state_dict(), "rng": rng_state()})
-        if not distributed.is_main():
-            return
-        info = {"step": step, "val_loss": f"{val_loss:.6f}", "tokens_seen": tokens_seen}
-        if is_best:
-            ckpt.save_weights(run_dir / rundir.BEST, model, info, run_dir)
-        state = {
-            "step": step,
-            "best_val_loss": best_val,
-            "tokens_seen": tokens_seen,
-            "elapsed_sec": elapsed,
-            "lr_scale": lr_scale,
-            "rollbacks": rollbacks,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "sampler": batches.state_dict(),
-            "rng": rng_state(),
-        }
-        if distributed.world_size() > 1:
-            state["ranks"] = per_rank
-        ckpt.save_resume_point(run_dir, model, state, info)
+# --------------------------------------------------------------------------------------------------
+# The loop
 
-    splits = {"train": train_tokens, "val": val_tokens}
-    progress = Progress(None if budget else total_steps, step, cfg.log_interval, enabled=not quiet)
-    if budget:
-        say(f"training for {cfg.time} of wall-clock time; the learning rate decays over the budget")
-    t_start = time.perf_counter()
-    t_window, tokens_window = t_start, 0
-    elapsed = elapsed_before
-    losses = {"train": float("nan"), "val": float("nan")}
-    last_loss: torch.Tensor | None = None
-    just_resumed = resume
-    nan_steps, bad_streak = injected_nan_steps(), 0
+
+def all_finite(loss: torch.Tensor, grad_norm: torch.Tensor, scaler: torch.amp.GradScaler) -> bool:
+    """Whether this step may reach the weights: a finite loss and gradient on every rank."""
+    # One host sync per step: a non-finite loss or gradient must never reach the weights.
+    # (With float16 the grad scaler skips overflowing steps itself; only a bad loss counts.)
+    finite = bool(torch.isfinite(loss)) and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+    return distributed.all_ranks(finite)  # every rank skips, or none does
+
+
+def log_step(run: Run, state: TrainState, progress: Progress, clock: Clock, meter: Throughput, lr: float,
+             loss: torch.Tensor) -> None:
+    """Advance the progress output; every `log_interval` steps show the loss, averaged over ranks (a host sync)."""
+    now = time.perf_counter()
+    rate = meter.rate(now)
+    shown = None
+    if state.step % run.cfg.log_interval == 0 or state.step == run.budget.steps:
+        shown = distributed.mean(loss.item())
+        meter.restart(now)
+    elapsed = clock.elapsed(now)
+    eta = run.budget.eta(state.step, elapsed, run.tokens_per_step / max(rate, 1e-9))
+    progress.step(state.step, shown, lr, rate, elapsed, eta)
+
+
+def train_steps(run: Run, state: TrainState, progress: Progress, stop: StopRequest) -> tuple[TrainState, list[float]]:
+    """The loop, until the budget is spent or the target loss reached; returns the final state and step times."""
+    cfg, model, optimizer, scaler = run.cfg, run.model, run.optimizer, run.scaler
+    clock, meter = Clock(state.elapsed), Throughput()
     step_seconds: list[float] = []  # optimizer steps only, no evaluation or checkpoint time
+    bad_streak = 0
     model.train()
-    with StopRequest() as stop:
-        while True:
-            # every rank follows rank 0's clock and stops when any rank was asked to
-            elapsed, stopping = distributed.agree(elapsed_before + time.perf_counter() - t_start, stop.signal is not None)
-            finished = step >= total_steps or (budget and elapsed >= budget)
-            time_fraction = elapsed / budget if budget else None
-            if (step % cfg.eval_interval == 0 or finished) and not just_resumed:
-                losses = estimate_loss(model, splits, cfg, model_cfg.block_size, device, autocast)
-                is_best = losses["val"] < best_val
-                best_val = min(best_val, losses["val"])
-                tokens_per_sec = tokens_seen / elapsed if elapsed > 0 else 0.0
-                if distributed.is_main():
-                    metrics.append(
-                        {
-                            "step": step, "tokens_seen": tokens_seen, "epoch": f"{batches.epoch():.4f}",
-                            "lr": f"{learning_rate(max(step - 1, 0), cfg, total_steps, time_fraction) * lr_scale:.6g}",
-                            "train_loss": f"{losses['train']:.6f}", "val_loss": f"{losses['val']:.6f}",
-                            "tokens_per_sec": f"{tokens_per_sec:.1f}", "elapsed_sec": f"{elapsed:.2f}",
-                        },
-                        ckpt.resume_hint(run_dir),
-                    )
-                save_checkpoint(is_best, losses["val"])
-                progress.write(
-                    f"step {step:>6}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                    f"{' (best so far, saved)' if is_best else ''}"
-                )
-                if cfg.target_loss and losses["val"] <= cfg.target_loss:
-                    progress.write(f"reached target val loss {cfg.target_loss} at step {step}; stopping")
-                    break
-            just_resumed = False
-            if stopping:
-                save_checkpoint(False, losses["val"])
-                progress.close()
-                nproc = f" --nproc {distributed.world_size()}" if distributed.world_size() > 1 else ""
-                raise TrainingInterrupted(
-                    f"stopped at step {step} and saved {run_dir / rundir.LAST}; "
-                    f"continue with `gptlab train --resume {run_dir}{nproc}`"
-                )
-            if finished:
-                break
-
-            t_step = time.perf_counter()
-            lr = learning_rate(step, cfg, total_steps, time_fraction) * lr_scale
-            for group, base_lr in zip(optimizer.param_groups, base_lrs):  # Muon's groups keep their own peak
-                group["lr"] = lr * base_lr / cfg.learning_rate
-            for micro in range(cfg.grad_accum):
-                x, y = batches.next()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with distributed.no_sync(ddp_model, sync=micro == cfg.grad_accum - 1):
-                    loss = forward_loss(x, y)
-                    if nan_steps[step] > 0:
-                        nan_steps[step] -= 1
-                        loss = loss * float("nan")
-                    last_loss = loss.detach().clone()  # a CUDA-graph replay reuses loss's memory
-                    scaler.scale(loss / cfg.grad_accum).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            # One host sync per step: a non-finite loss or gradient must never reach the weights.
-            # (With float16 the grad scaler skips overflowing steps itself; only a bad loss counts.)
-            finite = bool(torch.isfinite(last_loss)) and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
-            finite = distributed.all_ranks(finite)  # every rank skips, or none does
-            if not finite:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()
-                bad_streak += 1
-                progress.write(f"step {step}: non-finite loss or gradient norm; step skipped ({bad_streak} in a row)")
-                if bad_streak >= cfg.nan_patience:
-                    if rollbacks >= cfg.max_rollbacks:
-                        progress.close()
-                        raise GptlabError(
-                            f"training diverged: non-finite loss after {rollbacks} rollbacks; lower --learning-rate "
-                            f"(now {cfg.learning_rate * lr_scale:.2e}) or use --dtype float32, then --resume {run_dir}"
-                        )
-                    wall, kept_scale, kept_rollbacks = elapsed_before + time.perf_counter() - t_start, lr_scale, rollbacks
-                    distributed.barrier()  # rank 0 has finished writing the checkpoint
-                    restore(ckpt.load_train_state(run_dir / rundir.TRAIN_STATE))
-                    rollbacks, lr_scale, elapsed_before = kept_rollbacks + 1, kept_scale * 0.5, wall
-                    bad_streak = 0
-                    t_start = t_window = time.perf_counter()
-                    tokens_window = 0
-                    metrics.truncate(step)
-                    progress.write(
-                        f"rolled back to step {step} with the learning rate halved (x{lr_scale:g}); "
-                        f"rollback {rollbacks} of {cfg.max_rollbacks}"
-                    )
-                    just_resumed = True
-                continue
-            bad_streak = 0
+    finished = run.between_steps(state, clock, stop, progress)  # step 0 is evaluated before training
+    while not finished:
+        t_step = time.perf_counter()
+        lr = run.set_lr(state)
+        for micro in range(cfg.grad_accum):
+            x, y = run.batches.next()
+            x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+            with distributed.no_sync(run.ddp_model, sync=micro == cfg.grad_accum - 1):
+                loss = run.loss(x, y)
+                for hook in loss_hooks:
+                    loss = hook(state.step, loss)
+                last_loss = loss.detach().clone()  # a CUDA-graph replay reuses loss's memory
+                scaler.scale(loss / cfg.grad_accum).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        if all_finite(last_loss, grad_norm, scaler):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
+            state.step += 1
+            state.tokens_seen += run.tokens_per_step
             step_seconds.append(time.perf_counter() - t_step)
-            tokens_window += tokens_per_step
-
-            logging_now = step % cfg.log_interval == 0 or step == total_steps
-            shown = None
-            now = time.perf_counter()
-            rate = tokens_window / max(now - t_window, 1e-9)
-            if logging_now and last_loss is not None:
-                shown = distributed.mean(last_loss.item())
-                t_window, tokens_window = now, 0
-            if budget:
-                eta = max(0.0, budget - (elapsed_before + now - t_start))
-            else:
-                eta = (total_steps - step) * tokens_per_step / max(rate, 1e-9)
-            progress.step(step, shown, lr, rate, elapsed_before + now - t_start, eta)
+            bad_streak = 0
+            meter.tokens += run.tokens_per_step
+            log_step(run, state, progress, clock, meter, lr, last_loss)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            scaler.update()
+            bad_streak += 1
+            progress.write(f"step {state.step}: non-finite loss or gradient norm; step skipped ({bad_streak} in a row)")
+            if bad_streak >= cfg.nan_patience:
+                state, bad_streak = run.roll_back(state, progress), 0
+                meter.restart()
+        finished = run.between_steps(state, clock, stop, progress)
     progress.close()
-    elapsed = elapsed_before + time.perf_counter() - t_start
+    state.elapsed = clock.elapsed()
+    return state, step_seconds
 
-    say(f"done: {step:,} steps in {elapsed:,.1f}s, best val loss {best_val:.4f}")
-    if distributed.is_main():
-        finish_run(run_dir, model, tokenizer, cfg, say)
+
+def train(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    init: tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer] | None = None,
+) -> TrainResult:
+    """Train a GPT on a prepared data folder and write the run folder; returns the summary.
+
+    `init` is what `--init-from` names, resolved by the caller: shape, weights and tokenizer.
+    """
+    distributed.init()
+    quiet = quiet or not distributed.is_main()
+    say = (lambda *a, **k: None) if quiet else (lambda text: print(text, flush=True))
+    model_cfg, tokenizer, weights, meta = read_inputs(model_cfg, cfg, resume, init)
+    splits = load_splits(cfg.data, model_cfg.block_size)
+    run_dir = open_run_dir(cfg, resume, overwrite)
+    cfg = replace(cfg, out=str(run_dir))
+    device = distributed.device_for_rank(autodetect_device(cfg.device))
+    with process_settings(device, cfg.deterministic):
+        run = build_run(model_cfg, cfg, run_dir, device, weights, splits)
+        state = start_state(run, resume, tokenizer, meta, say)
+        describe(run, say, quiet)
+        progress = Progress(run.budget.steps, state.step, cfg.log_interval, enabled=not quiet)
+        with StopRequest() as stop:
+            state, step_seconds = train_steps(run, state, progress, stop)
+        say(f"done: {state.step:,} steps in {state.elapsed:,.1f}s, best val loss {state.best_val:.4f}")
+        if distributed.is_main():
+            finish_run(run_dir, run.model, tokenizer, cfg, say)
     distributed.teardown()
     return TrainResult(
-        run_dir=run_dir, steps=step, best_val_loss=best_val, final_train_loss=losses["train"],
-        final_val_loss=losses["val"], tokens_seen=tokens_seen, elapsed_sec=elapsed, num_params=n_params,
-        step_seconds=step_seconds,
+        run_dir=run_dir, steps=state.step, best_val_loss=state.best_val, final_train_loss=run.losses["train"],
+        final_val_loss=run.losses["val"], tokens_seen=state.tokens_seen, elapsed_sec=state.elapsed,
+        num_params=run.model.num_params(), step_seconds=step_seconds,
     )
 
 
