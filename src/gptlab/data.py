@@ -175,8 +175,11 @@ def check_text_file(path: Path) -> None:
 
 
 def _char_boundary(path: Path, cut: int) -> int:
-    """Move a byte offset forward to the start of a UTF-8 character."""
+    """Move a byte offset forward to the start of a UTF-8 character, and past the LF of a CRLF it would split."""
     with open(path, "rb") as f:
+        f.seek(max(0, cut - 1))
+        if cut > 0 and f.read(2) == b"\r\n":  # a line end stays whole, so it normalises as one
+            return cut + 1
         f.seek(cut)
         tail = f.read(4)
     for i, byte in enumerate(tail):
