@@ -140,6 +140,8 @@ def stdin_copy() -> Path:
         path = gptlab_home() / "stdin" / "stdin.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         data = sys.stdin.buffer.read()
+        if not data:
+            raise GptlabError("standard input is empty; pipe some text in (`cat my.txt | gptlab prepare -`)")
         atomic_write_bytes(path, data)
         _stdin.append(path)
     return _stdin[0]
