@@ -19,6 +19,7 @@ import pytest
 from tests.servers import REPO, main_server
 
 from .conftest import TINY_MODEL
+from .test_bad_run_folders import assert_one_line_error
 
 TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items()]
 
@@ -27,15 +28,6 @@ def gptlab(*args, cwd=None, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "gptlab", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env)
-
-
-def assert_one_line_error(r, *words):
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert "Traceback" not in r.stderr + r.stdout
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def listing(folder: Path) -> dict[str, bytes]:
