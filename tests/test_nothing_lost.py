@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.servers import REPO, main_server
+from tests.servers import REPO, Server, main_server
 
 from .conftest import TINY_MODEL
 from .test_bad_run_folders import assert_one_line_error
@@ -268,3 +268,81 @@ def test_help_and_a_dash_value_are_understood(tmp_path):
     assert r.returncode == 0 and "--max-iters" in r.stdout
     assert_one_line_error(gptlab("help", "trian"), "no command 'trian'", "train")
     assert_one_line_error(gptlab("train", "x.txt", "--time", "-5s"), "--time '-5s' is not a duration")
+
+
+# ---- every resource a request asks for is bounded before it is allocated ----
+
+def test_a_request_too_big_for_memory_is_refused_before_allocating(tiny_run, tmp_path):
+    r = gptlab("sample", tiny_run, "--num-samples", "100000000", "--max-new-tokens", "300", timeout=120)
+    assert_one_line_error(r, "--num-samples 100,000,000", "GB", "fewer samples")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    r = gptlab("sample", run, "--stream", "--max-new-tokens", "5")
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_api_refuses_a_request_too_big_for_memory_and_invalid_text_in_every_field(tiny_run):
+    import httpx
+
+    roomy = Server(tiny_run, "--max-n", "100000000", "--max-new-tokens-limit", "1000")
+    try:  # ceilings a server owner set too high: memory still bounds the request, before it runs
+        r = httpx.post(f"{roomy.url}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 300, "n": 100_000_000},
+                       timeout=60)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "n" and "GB" in r.json()["error"]["message"]
+        assert httpx.get(f"{roomy.url}/health", timeout=10).json()["models"]["tiny"]["running"] == 0
+    finally:
+        roomy.stop()
+    server = main_server(tiny_run)
+    for body, param in ((b'{"prompt": "ROMEO:\\ud800", "echo": true, "max_tokens": 2}', "prompt"),
+                        (b'{"prompt": "ROMEO:\\ud800", "stream": true, "max_tokens": 2}', "prompt"),
+                        (b'{"prompt": "ROMEO:", "stop": ["a", "\\udfff"], "max_tokens": 2}', "stop[1]")):
+        r = httpx.post(f"{server.url}/v1/completions", content=body, timeout=30,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and "not valid Unicode" in error["message"]
+    body = b'{"messages": [{"role": "user", "content": "hi \\ud83d"}], "max_tokens": 2}'
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
+    r = httpx.post(f"{server.url}/v1/completions", content=b'{"prompt": "caf\xe9"}', timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid UTF-8" in r.json()["error"]["message"]
+
+
+# ---- permission and disk errors name the path and the real cause ----
+
+def in_read_only_folder(folder: Path, *args) -> subprocess.CompletedProcess:
+    """Run gptlab with `folder` mounted read-only (root cannot be kept out of a folder by its mode bits)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    command = " ".join(map(str, [sys.executable, "-m", "gptlab", *args]))
+    script = f"mount --bind {folder} {folder} && mount -o remount,ro,bind {folder} && exec {command}"
+    return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def can_mount() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount --bind / /mnt 2>/dev/null || exit 1"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not can_mount(), reason="needs unshare and mount (root) to make a read-only folder")
+def test_read_only_folders_give_one_line(tmp_path, small_corpus, char_data):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    r = in_read_only_folder(folder, "prepare", small_corpus, "--out", folder / "data")
+    assert_one_line_error(r, str(folder / "data"), "read-only file system")
+    r = in_read_only_folder(folder, "train", "--data", char_data, "--out", folder / "run", "--max-iters", "2",
+                            *TINY_FLAGS)
+    assert_one_line_error(r, str(folder / "run"), "read-only file system")
+    assert list(folder.iterdir()) == []
+
+
+def test_non_latin_run_names_draw_without_warnings(tmp_path, char_data):
+    out = tmp_path / "莎士比亚"
+    r = gptlab("train", "--data", char_data, "--out", out, "--max-iters", "4", "--eval-interval", "2",
+               "--eval-iters", "1", "--num-samples", "0", *TINY_FLAGS)
+    assert r.returncode == 0, r.stderr
+    assert (out / "loss.png").is_file()
+    assert "Glyph" not in r.stderr and "warning" not in r.stderr.lower(), r.stderr

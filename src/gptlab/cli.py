@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--preset", default=None, help="describe a preset instead of a run")
     i.add_argument("--json", action="store_true", help="print JSON")
 
+    add_model_commands(sub)
+    return parser
+
+
+def add_model_commands(sub: Any) -> None:
+    """The commands that use a trained run: sample, eval, plot, export, push, serve."""
     from gptlab.config import SampleConfig
 
     s = sub.add_parser("sample", help="generate text from a trained run",
@@ -178,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(sv, Limits, "limits")
     sv.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
-    return parser
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

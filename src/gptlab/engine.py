@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from gptlab.config import SampleConfig
+from gptlab.config import SampleConfig, SettingError
 from gptlab.device import intra_op_threads
 from gptlab.errors import GptlabError
 
@@ -211,6 +211,43 @@ def default_slide(block_size: int) -> int:
     return max(1, block_size // 2)
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device` (None when it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def decode_bytes(model: torch.nn.Module, rows: int, prompt_len: int, max_new_tokens: int, penalty: bool) -> int:
+    """What one generation allocates: the KV cache, a few logits-sized buffers, the token history, and the
+    text bookkeeping of each sample (an incremental decoder and its pieces, ~4 KB)."""
+    c = model.config
+    itemsize = next(model.parameters()).element_size()
+    positions = min(c.block_size, prompt_len + max_new_tokens - 1)
+    cache = 2 * c.n_layer * rows * positions * c.n_embd * itemsize
+    logits = 4 * rows * c.vocab_size * 4  # logits, softmax and the filters' copies, float32
+    text = rows * (4096 + (prompt_len + max_new_tokens) * 8)
+    return cache + logits + text + (rows * c.vocab_size if penalty else 0)
+
+
+def check_memory(model: torch.nn.Module, config: SampleConfig, prompt_len: int) -> None:
+    """Refuse, before anything is allocated, a request whose buffers would not fit in the memory free now."""
+    device = next(model.parameters()).device
+    need = decode_bytes(model, config.num_samples, prompt_len, config.max_new_tokens, config.repetition_penalty != 1)
+    free = free_memory(device)
+    if free is not None and need > 0.8 * free:
+        raise SettingError("num_samples", f"{config.num_samples:,} with {config.max_new_tokens:,} new tokens needs "
+                                          f"{need / 1e9:.1f} GB for the KV cache, more than the {free / 1e9:.1f} GB free "
+                                          "here; ask for fewer samples or fewer tokens")
+
+
 @torch.inference_mode()
 def decode(
     model: torch.nn.Module,
@@ -244,8 +281,13 @@ def decode(
     device = next(model.parameters()).device
     prompt = prompt.to(device)
     T0 = prompt.size(1)
+    check_memory(model, config, T0)
     # The last sampled token is never fed back, so the cache needs T0 + max_new_tokens - 1 positions.
-    cache = KVCache.for_model(model, num_rows, min(block_size, T0 + max_new_tokens - 1))
+    try:
+        cache = KVCache.for_model(model, num_rows, min(block_size, T0 + max_new_tokens - 1))
+    except (RuntimeError, MemoryError) as e:  # torch's OutOfMemoryError is a RuntimeError
+        raise GptlabError(f"not enough memory for {num_rows:,} samples of {max_new_tokens:,} tokens "
+                          f"({type(e).__name__}); ask for fewer samples or fewer tokens") from None
     may_slide = T0 + max_new_tokens - 1 > block_size
     keep = block_size - slide + 1  # window length right after a slide, the new token included
     if may_slide:  # the recent tokens of every row, to rebuild the window from

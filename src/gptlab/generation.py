@@ -36,7 +36,7 @@ import torch
 from gptlab.checkpoint import load_weights_into
 from gptlab.config import ModelConfig, SampleConfig
 from gptlab.device import autodetect_device
-from gptlab.engine import Engine
+from gptlab.engine import Engine, check_memory
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.rundir import check_run
@@ -143,6 +143,7 @@ class TextModel:
         """(sample index, text piece, None) as the samples are made, then one (index, last piece, Finish) per sample."""
         config = _config(config, settings)
         ids = self.encode_prompt(prompt)
+        check_memory(self.model, config, min(len(ids), self.config.block_size))  # before any per-sample state
         samples = [SampleText(self.token_bytes, config.stop) for _ in range(config.num_samples)]
         live = len(samples)
         for column in self.engine.stream(ids, config):
@@ -171,6 +172,7 @@ class TextModel:
     def generate(self, prompt: str = "", config: SampleConfig | None = None, **settings: Any) -> list[str]:
         """`num_samples` continuations of `prompt` (settings: any SampleConfig field, e.g. temperature=0.8)."""
         config = _config(config, settings)
+        check_memory(self.model, config, min(len(self.encode_prompt(prompt)), self.config.block_size))
         texts: list[list[str]] = [[] for _ in range(config.num_samples)]
         for row, piece in self.pieces(prompt, config):
             texts[row].append(piece)

@@ -27,7 +27,7 @@ from gptlab import distributed
 from gptlab.config import ModelConfig, TrainConfig, parse_duration, resolve_config
 from gptlab.errors import GptlabError
 from gptlab.folders import check_writes_kind
-from gptlab.rundir import CONFIG, RunLock, check_run, default_run_dir
+from gptlab.rundir import CONFIG, LAST, RunLock, check_run, default_run_dir
 
 
 def training_settings(preset: str | None, config_file: str | None, resume: str | None,
@@ -39,7 +39,8 @@ def training_settings(preset: str | None, config_file: str | None, resume: str |
             raise GptlabError(f"--resume {resume}: no run there (no {CONFIG}); give the folder of an earlier run")
         if preset or config_file:
             raise GptlabError("--resume takes its settings from the run's config.json; drop --preset/--config")
-        check_run(resume, "last")  # its files must belong together before training continues them
+        if (Path(resume) / LAST).is_file():  # its files must belong together before training continues them
+            check_run(resume, "last")
         config_file = os.path.join(resume, CONFIG)
         overrides["out"] = resume
     model_cfg, train_cfg = resolve_config(preset, config_file, overrides)

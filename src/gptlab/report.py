@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,13 @@ def save_figure(fig: Any, path: Path) -> Path:
     """Write a matplotlib figure as PNG atomically and close it; returns the path."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    with warnings.catch_warnings():
+        # A run or prompt in a script the default font lacks (Chinese, Arabic, ...) draws as boxes in
+        # the title; matplotlib would also print one warning per missing glyph to the terminal.
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
+        fig.tight_layout()
+        fig.savefig(buffer, format="png")
     plt.close(fig)
     data = buffer.getvalue()
     atomic_write_bytes(path, data)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.util
+import json
 import secrets
 import socket
 import sys
@@ -73,6 +74,10 @@ class ApiGuard:
             parts.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(parts)
+        error = text_error(body)
+        if error is not None:
+            await error.response()(scope, receive, send)
+            return None
         replayed = False
 
         async def replay() -> dict[str, Any]:
@@ -102,6 +107,54 @@ class ApiGuard:
             return ApiError(413, f"the request body is {int(length):,} bytes; this server reads at most "
                                  f"{self.max_body:,} (raise --max-prompt-chars for longer prompts)", code="body_too_large")
         return None
+
+
+def text_error(body: bytes) -> Any:
+    """An ApiError when the body is not UTF-8, or a JSON string in it is not valid Unicode; else None.
+
+    JSON may escape a lone surrogate (\\ud800), which no UTF-8 text can hold: such a prompt or stop
+    string would fail only when echoed or streamed back. Every field of every request is refused the
+    same way, before any work, naming the field.
+    """
+    from gptlab.serve.openai_api import ApiError
+
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return ApiError(400, f"the request body is not valid UTF-8 (bad byte at offset {e.start}); send JSON "
+                             "encoded as UTF-8", code="invalid_encoding")
+    try:
+        value = json.loads(text) if text.strip() else None
+    except ValueError:
+        return None  # not JSON: the route's own check says so
+    bad = _bad_text(value, "")
+    if bad is None:
+        return None
+    where, index = bad
+    return ApiError(400, f"{where or 'the request body'} holds a character that is not valid Unicode (a lone "
+                         f"surrogate at character {index}); send valid UTF-8 text", param=where or None,
+                    code="invalid_text")
+
+
+def _bad_text(value: Any, where: str) -> tuple[str, int] | None:
+    """Where (a field path like messages[0].content) the first string with a lone surrogate is, and at which character."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return where, e.start
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _bad_text(key, where) or _bad_text(item, f"{where}.{key}" if where else str(key))
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _bad_text(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def build_app(models: Sequence[ServedModel], limits: Limits | None = None, api_key: str | None = None,

@@ -53,6 +53,12 @@ class ServedModel:
         """How many tokens `prompt` is (the start token for an empty one); a GptlabError when it cannot be encoded."""
         return len(self.model.encode_prompt(prompt))
 
+    def check_memory(self, config: SampleConfig, prompt: str) -> None:
+        """A SettingError (num_samples) when generating `config` from `prompt` would not fit in memory."""
+        from gptlab.engine import check_memory
+
+        check_memory(self.model.model, config, min(self.prompt_tokens(prompt), self.model.config.block_size))
+
     def work(self, prompts: Sequence[str], config: SampleConfig) -> Iterator[tuple[int, str, Finish | None]]:
         """(choice index, piece, finish) for every prompt in turn, `config.num_samples` choices each."""
         for number, prompt in enumerate(prompts):

@@ -316,6 +316,122 @@ async def collect(job: Job, request: Request, choices: int) -> tuple[list[str], 
     return ["".join(t) for t in texts], reasons, tokens
 
 
+def submit(plan: Plan) -> Job:
+    """The plan's generation queued on its model, or a 429 when the queue is full."""
+    try:
+        return plan.served.queue.submit(lambda: plan.served.work(plan.prompts, plan.config))
+    except Busy as e:
+        raise ApiError(429, str(e), type="server_busy", code="queue_full",
+                       headers={"Retry-After": str(e.retry_after)}) from None
+
+
+def make_plan(models: dict[str, ServedModel], limits: Limits, body: Sampling, prompts: list[str], param: str,
+              default_max: int, max_tokens: int | None, extra_stop: tuple[str, ...] = ()) -> Plan:
+    """A request checked against the server: its model, its SampleConfig, its prompts' size."""
+    served = find_model(models, body.model)
+    config = sample_config(body, limits, default_max, max_tokens, extra_stop)
+    if config.num_samples * len(prompts) > limits.max_n:
+        raise ApiError(400, f"n times the number of prompts must be at most {limits.max_n} (this server's "
+                            f"--max-n), got {config.num_samples} x {len(prompts)}", param="n")
+    prompt_tokens = check_prompts(served, prompts, limits, param)
+    try:
+        served.check_memory(config, max(prompts, key=len))  # the prompts run one after another
+    except SettingError as e:
+        raise ApiError(400, e.message_for("api"), param=e.name_for("api")) from None
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return Plan(served, prompts, config, prompt_tokens, bool(body.stream), include_usage)
+
+
+async def answer_completions(models: dict[str, ServedModel], limits: Limits, body: CompletionRequest,
+                             request: Request) -> Any:
+    """Continue a prompt (or each of a list of prompts)."""
+    for name in ("logprobs", "suffix"):
+        if getattr(body, name) is not None:
+            raise ApiError(400, f"{name} is not supported by this server; leave it out", param=name)
+    if body.best_of not in (None, 1):
+        raise ApiError(400, "best_of is not supported by this server; use n for several samples", param="best_of")
+    prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt or ""]
+    if not prompts:
+        raise ApiError(400, "prompt is an empty list; give a string or a list of strings", param="prompt")
+    p = make_plan(models, limits, body, prompts, "prompt", COMPLETION_MAX_TOKENS, body.max_tokens)
+    job = submit(p)
+    rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), p.served.name
+    n = p.config.num_samples
+    echo = [p.prompts[i // n] if body.echo else "" for i in range(n * len(p.prompts))]
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+        out = {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    if p.stream:
+        async def events() -> AsyncIterator[str]:
+            for index, text in enumerate(echo):
+                if text:
+                    yield _sse(chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": None}]))
+            counted = _Counted(job)
+            async for index, piece, finish in counted:
+                yield _sse(chunk([{"index": index, "text": piece, "logprobs": None,
+                                   "finish_reason": finish}]))
+            if p.include_usage:
+                yield _sse(chunk([], _usage(p.prompt_tokens, counted.tokens)))
+        return StreamingResponse(_guard(events(), job), media_type="text/event-stream")
+
+    texts, reasons, tokens = await collect(job, request, n * len(p.prompts))
+    choices = [{"index": i, "text": echo[i] + t, "logprobs": None, "finish_reason": r}
+               for i, (t, r) in enumerate(zip(texts, reasons))]
+    return chunk(choices, _usage(p.prompt_tokens, tokens))
+
+
+async def answer_chat(models: dict[str, ServedModel], limits: Limits, body: ChatRequest, request: Request) -> Any:
+    """Answer a conversation, rendered with the plain chat template."""
+    if body.logprobs:
+        raise ApiError(400, "logprobs is not supported by this server; leave it out", param="logprobs")
+    if body.tools:
+        raise ApiError(400, "tools are not supported by this base model; leave them out", param="tools")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise ApiError(400, "response_format other than text is not supported", param="response_format")
+    if not body.messages:
+        raise ApiError(400, "messages is empty; give at least one {role, content} message", param="messages")
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise ApiError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    p = make_plan(models, limits, body, [chat_prompt(body.messages)], "messages", CHAT_MAX_TOKENS, max_tokens, (CHAT_STOP,))
+    job = submit(p)
+    rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), p.served.name
+    n = p.config.num_samples
+
+    def chunk(obj: str, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+        out = {"id": rid, "object": obj, "created": created, "model": name, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    if p.stream:
+        def delta(index: int, d: dict[str, str], finish: str | None = None) -> str:
+            return _sse(chunk("chat.completion.chunk",
+                              [{"index": index, "delta": d, "logprobs": None, "finish_reason": finish}]))
+
+        async def events() -> AsyncIterator[str]:
+            for index in range(n):
+                yield delta(index, {"role": "assistant", "content": ""})
+            counted = _Counted(job)
+            async for index, piece, finish in counted:
+                if piece:
+                    yield delta(index, {"content": piece})
+                if finish is not None:
+                    yield delta(index, {}, finish)
+            if p.include_usage:
+                yield _sse(chunk("chat.completion.chunk", [], _usage(p.prompt_tokens, counted.tokens)))
+        return StreamingResponse(_guard(events(), job), media_type="text/event-stream")
+
+    texts, reasons, tokens = await collect(job, request, n)
+    choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+               for i, (t, r) in enumerate(zip(texts, reasons))]
+    return chunk("chat.completion", choices, _usage(p.prompt_tokens, tokens))
+
+
 def build_router(models: dict[str, ServedModel], limits: Limits) -> APIRouter:
     """The /v1 routes for `models` (name -> loaded model)."""
     router = APIRouter(prefix="/v1")
@@ -333,112 +449,15 @@ def build_router(models: dict[str, ServedModel], limits: Limits) -> APIRouter:
         """One model."""
         return model_object(find_model(models, name))
 
-    def submit(plan: Plan) -> Job:
-        try:
-            return plan.served.queue.submit(lambda: plan.served.work(plan.prompts, plan.config))
-        except Busy as e:
-            raise ApiError(429, str(e), type="server_busy", code="queue_full",
-                           headers={"Retry-After": str(e.retry_after)}) from None
-
-    def plan(body: Sampling, prompts: list[str], param: str, default_max: int, max_tokens: int | None,
-             extra_stop: tuple[str, ...] = ()) -> Plan:
-        served = find_model(models, body.model)
-        config = sample_config(body, limits, default_max, max_tokens, extra_stop)
-        if config.num_samples * len(prompts) > limits.max_n:
-            raise ApiError(400, f"n times the number of prompts must be at most {limits.max_n} (this server's "
-                                f"--max-n), got {config.num_samples} x {len(prompts)}", param="n")
-        prompt_tokens = check_prompts(served, prompts, limits, param)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Plan(served, prompts, config, prompt_tokens, bool(body.stream), include_usage)
-
     @router.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         """Continue a prompt (or each of a list of prompts)."""
-        for name in ("logprobs", "suffix"):
-            if getattr(body, name) is not None:
-                raise ApiError(400, f"{name} is not supported by this server; leave it out", param=name)
-        if body.best_of not in (None, 1):
-            raise ApiError(400, "best_of is not supported by this server; use n for several samples", param="best_of")
-        prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt or ""]
-        if not prompts:
-            raise ApiError(400, "prompt is an empty list; give a string or a list of strings", param="prompt")
-        p = plan(body, prompts, "prompt", COMPLETION_MAX_TOKENS, body.max_tokens)
-        job = submit(p)
-        rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), p.served.name
-        n = p.config.num_samples
-        echo = [p.prompts[i // n] if body.echo else "" for i in range(n * len(p.prompts))]
-
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
-            out = {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices}
-            if usage is not None:
-                out["usage"] = usage
-            return out
-
-        if p.stream:
-            async def events() -> AsyncIterator[str]:
-                for index, text in enumerate(echo):
-                    if text:
-                        yield _sse(chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": None}]))
-                counted = _Counted(job)
-                async for index, piece, finish in counted:
-                    yield _sse(chunk([{"index": index, "text": piece, "logprobs": None,
-                                       "finish_reason": finish}]))
-                if p.include_usage:
-                    yield _sse(chunk([], _usage(p.prompt_tokens, counted.tokens)))
-            return StreamingResponse(_guard(events(), job), media_type="text/event-stream")
-
-        texts, reasons, tokens = await collect(job, request, n * len(p.prompts))
-        choices = [{"index": i, "text": echo[i] + t, "logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
-        return chunk(choices, _usage(p.prompt_tokens, tokens))
+        return await answer_completions(models, limits, body, request)
 
     @router.post("/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         """Answer a conversation, rendered with the plain chat template."""
-        if body.logprobs:
-            raise ApiError(400, "logprobs is not supported by this server; leave it out", param="logprobs")
-        if body.tools:
-            raise ApiError(400, "tools are not supported by this base model; leave them out", param="tools")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise ApiError(400, "response_format other than text is not supported", param="response_format")
-        if not body.messages:
-            raise ApiError(400, "messages is empty; give at least one {role, content} message", param="messages")
-        if body.max_tokens is not None and body.max_completion_tokens is not None:
-            raise ApiError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        p = plan(body, [chat_prompt(body.messages)], "messages", CHAT_MAX_TOKENS, max_tokens, (CHAT_STOP,))
-        job = submit(p)
-        rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), p.served.name
-        n = p.config.num_samples
-
-        def chunk(obj: str, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
-            out = {"id": rid, "object": obj, "created": created, "model": name, "choices": choices}
-            if usage is not None:
-                out["usage"] = usage
-            return out
-
-        if p.stream:
-            def delta(index: int, d: dict[str, str], finish: str | None = None) -> str:
-                return _sse(chunk("chat.completion.chunk",
-                                  [{"index": index, "delta": d, "logprobs": None, "finish_reason": finish}]))
-
-            async def events() -> AsyncIterator[str]:
-                for index in range(n):
-                    yield delta(index, {"role": "assistant", "content": ""})
-                counted = _Counted(job)
-                async for index, piece, finish in counted:
-                    if piece:
-                        yield delta(index, {"content": piece})
-                    if finish is not None:
-                        yield delta(index, {}, finish)
-                if p.include_usage:
-                    yield _sse(chunk("chat.completion.chunk", [], _usage(p.prompt_tokens, counted.tokens)))
-            return StreamingResponse(_guard(events(), job), media_type="text/event-stream")
-
-        texts, reasons, tokens = await collect(job, request, n)
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
-        return chunk("chat.completion", choices, _usage(p.prompt_tokens, tokens))
+        return await answer_chat(models, limits, body, request)
 
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def unknown_route(path: str, request: Request) -> None:
