@@ -404,6 +404,21 @@ class SampleConfig:
             raise SettingError("seed", f"must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SettingError("stop", "strings must be non-empty text")
+        if any(invalid_unicode_at(s) is not None for s in self.stop):
+            raise SettingError("stop", "strings must be valid Unicode (one holds a lone surrogate); give UTF-8 text")
+
+
+def invalid_unicode_at(text: str) -> int | None:
+    """Where `text` holds a lone surrogate (text no UTF-8 file or response can carry), or None.
+
+    Python lets one into a str from a JSON escape (\\ud800) or an undecodable command-line byte;
+    every text a user gives is checked with this, so each front end refuses it the same way.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
 
 
 # How samples.txt, the model card and an export's generation_config.json sample (nanoGPT's sample.py).

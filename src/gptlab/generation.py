@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from gptlab.checkpoint import load_weights_into
-from gptlab.config import ModelConfig, SampleConfig
+from gptlab.config import ModelConfig, SampleConfig, invalid_unicode_at
 from gptlab.device import autodetect_device
 from gptlab.engine import Engine, check_memory
 from gptlab.errors import GptlabError
@@ -136,6 +136,10 @@ class TextModel:
         """Token ids of a prompt; the tokenizer's start token for an empty one."""
         if not isinstance(prompt, str):
             raise GptlabError(f"the prompt must be text, got {type(prompt).__name__}")
+        bad = invalid_unicode_at(prompt)
+        if bad is not None:
+            raise GptlabError(f"the prompt holds a character that is not valid Unicode (a lone surrogate at character "
+                              f"{bad}); give valid UTF-8 text")
         return self.tokenizer.encode(prompt) if prompt else start_ids(self.tokenizer)
 
     def events(self, prompt: str = "", config: SampleConfig | None = None,

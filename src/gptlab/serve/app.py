@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gptlab.config import invalid_unicode_at
 from gptlab.errors import GptlabError
 from gptlab.serve.limits import Limits
 
@@ -139,11 +140,8 @@ def text_error(body: bytes) -> Any:
 def _bad_text(value: Any, where: str) -> tuple[str, int] | None:
     """Where (a field path like messages[0].content) the first string with a lone surrogate is, and at which character."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            return where, e.start
-        return None
+        index = invalid_unicode_at(value)
+        return None if index is None else (where, index)
     if isinstance(value, dict):
         for key, item in value.items():
             found = _bad_text(key, where) or _bad_text(item, f"{where}.{key}" if where else str(key))
