@@ -356,3 +356,18 @@ def test_text_that_is_not_unicode_is_refused_the_same_on_the_command_line(tiny_r
                             flag.encode(), b"ROMEO\xff", b"--max-new-tokens", b"3"],
                            capture_output=True, text=True, env=env, timeout=120)
         assert_one_line_error(r, *words)
+
+
+@pytest.mark.skipif(not can_mount(), reason="needs unshare and mount (root) to make a small disk")
+def test_a_full_disk_at_the_first_checkpoint_does_not_suggest_resuming(tmp_path, char_data):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    train = " ".join(map(str, [sys.executable, "-m", "gptlab", "train", "--data", char_data, "--out", disk / "run",
+                               "--max-iters", "2", "--eval-iters", "1", *TINY_FLAGS, "--n-embd=256", "--n-head=4"]))
+    script = f"mount -t tmpfs -o size=1m tmpfs {disk} && {train}; code=$?; ls -a {disk}/run; exit $code"
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    errors = [line for line in r.stderr.strip().splitlines() if not line.startswith("warning: ")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "is full" in errors[0] and "--resume" not in errors[0] and "start the run again" in errors[0], errors[0]
+    assert ".tmp" not in r.stdout, r.stdout  # the listing of the run folder, from inside the mount
