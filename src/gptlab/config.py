@@ -333,9 +333,20 @@ SAMPLE_FIELD_NAMES: dict[str, dict[str, str | None]] = {
     "top_p": {"cli": "--top-p", "page": "Top-p", "api": "top_p"},
     "min_p": {"cli": "--min-p", "page": "Min-p", "api": "min_p"},
     "repetition_penalty": {"cli": "--repetition-penalty", "page": "Repetition penalty", "api": "repetition_penalty"},
-    "seed": {"cli": "--seed", "page": "Seed", "api": "seed"},
     "stop": {"cli": "--stop", "page": "Stop strings", "api": "stop"},
+    "seed": {"cli": "--seed", "page": "Seed", "api": "seed"},
     "max_new_tokens_limit": {"cli": "--max-new-tokens-limit", "page": None, "api": None},
+}
+
+# How the page shows a setting that is not a server ceiling or a list of texts: a slider over
+# (lowest, highest, step), or a number box whose `unset` value stands for None.
+SAMPLE_PAGE_CONTROLS: dict[str, dict[str, Any]] = {
+    "temperature": {"range": (0, 2, 0.05)},
+    "top_k": {"unset": 0},
+    "top_p": {"range": (0.01, 1, 0.01)},
+    "min_p": {"range": (0, 1, 0.01)},
+    "repetition_penalty": {"range": (0.5, 2, 0.05)},
+    "seed": {"unset": -1},
 }
 
 

@@ -40,9 +40,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
 
-from gptlab.config import SampleConfig, SettingError
+from gptlab.config import SAMPLE_FIELD_NAMES, SampleConfig, SettingError
 from gptlab.errors import GptlabError
 from gptlab.serve.limits import Busy, Job, Limits
 from gptlab.serve.models import ServedModel
@@ -57,8 +57,7 @@ CHAT_STOP = "\nUser:"
 EXPECTED = {
     "model": "a string (a name from GET /v1/models)", "prompt": "a string or a list of strings",
     "messages": "a list of {role, content} objects", "max_tokens": "an integer", "max_completion_tokens": "an integer",
-    "temperature": "a number", "top_p": "a number", "min_p": "a number", "top_k": "an integer",
-    "repetition_penalty": "a number", "n": "an integer", "seed": "an integer",
+    "temperature": "a number", "top_p": "a number", "n": "an integer", "seed": "an integer",
     "stop": "a string or a list of strings", "stream": "true or false", "echo": "true or false",
     "stream_options": 'an object like {"include_usage": true}', "role": "one of system, user, assistant",
     "content": "a string or a list of text parts", "user": "a string",
@@ -90,8 +89,8 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-class Sampling(BaseModel):
-    """What completions and chat share: the model and how to sample."""
+class OpenAISampling(BaseModel):
+    """What completions and chat share in OpenAI's API: the model and how to sample."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
     model: str | None = None
@@ -103,13 +102,27 @@ class Sampling(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     seed: int | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+
+
+def _knobs() -> dict[str, Any]:
+    """Every other sampling setting the table gives an API name (top_k, min_p, ...), typed from SampleConfig."""
+    knobs: dict[str, Any] = {}
+    for name, names in SAMPLE_FIELD_NAMES.items():
+        param = names["api"]
+        if param is None or param in OpenAISampling.model_fields:
+            continue
+        kind = str(SampleConfig.__dataclass_fields__[name].type)
+        knobs[param] = (float | None, None) if kind.startswith("float") else (int | None, None)
+        EXPECTED.setdefault(param, "a number" if kind.startswith("float") else "an integer")
+    return knobs
+
+
+# OpenAI's fields plus gptlab's own knobs (`extra_body` in the openai client).
+Sampling = create_model("Sampling", __base__=OpenAISampling, **_knobs())
 
 
 class CompletionRequest(Sampling):

@@ -4,9 +4,11 @@ Design choices:
 - `build_page` needs only loaded models, so the same Blocks serve under `gptlab serve` (mounted
   beside the API, sharing its models and queues) or alone, e.g. as a Hugging Face Space
   (`build_page(load_models(["runs/x"], Limits())).launch()`).
-- The sampling controls are one list, `controls`, of SampleConfig fields: each is labelled from
-  SAMPLE_FIELD_NAMES, reaches the handler as a keyword of that field's name (so also in the
-  `/generate` API of gradio_client), and becomes a SampleConfig in `serve/params.py`, the
+- The sampling controls are made from config.py's tables, SAMPLE_FIELD_NAMES (which fields, and
+  their labels) and SAMPLE_PAGE_CONTROLS (ranges, unset values): a new SampleConfig field with
+  entries there appears on the page, in the API (as an extra parameter) and on the command line
+  with no change here. Each reaches the handler as a keyword of its field's name (so also in the
+  `/generate` API of gradio_client) and becomes a SampleConfig in `serve/params.py`, the
   translation the API shares. A bad value is reported with the control's label.
 - Generation goes through the model's `GenerationQueue`, as the API's does: one ceiling for both.
   Gradio's own per-event limit is off (concurrency_limit=None) so it does not queue in front of it.
@@ -24,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from gptlab.config import SAMPLE_FIELD_NAMES, SettingError
+from gptlab.config import SAMPLE_FIELD_NAMES, SAMPLE_PAGE_CONTROLS, SampleConfig, SettingError
 from gptlab.errors import GptlabError
 from gptlab.serve.limits import Busy, Limits
 from gptlab.serve.models import ServedModel
@@ -32,6 +34,9 @@ from gptlab.serve.params import page_config
 
 SEPARATOR = "\n\n=== Next Sequence ===\n\n"
 UPDATE_EVERY = 0.05  # seconds between updates of the streamed text
+# Settings whose slider ends at a ceiling of the server, and where those sliders start.
+CEILINGS = {"max_new_tokens": "max_new_tokens_limit", "num_samples": "max_n"}
+PAGE_START = {"max_new_tokens": 200}
 EXAMPLES = ("ROMEO:", "JULIET:\nO Romeo, Romeo!", "Once upon a time", "The meaning of life is")
 
 
@@ -43,19 +48,31 @@ def _gradio() -> Any:
 
 
 def controls(limits: Limits) -> list[tuple[str, str, dict[str, Any]]]:
-    """The sampling controls, top to bottom: (SampleConfig field, gradio component, its settings)."""
-    return [
-        ("max_new_tokens", "Slider", dict(minimum=1, maximum=limits.max_new_tokens_limit, step=1,
-                                          value=min(200, limits.max_new_tokens_limit))),
-        ("num_samples", "Slider", dict(minimum=1, maximum=limits.max_n, step=1, value=1)),
-        ("temperature", "Slider", dict(minimum=0, maximum=2, step=0.05, value=0.8, info="0 = greedy")),
-        ("top_k", "Number", dict(value=0, precision=0, minimum=0, info="0 = off")),
-        ("top_p", "Slider", dict(minimum=0.01, maximum=1, step=0.01, value=1.0, info="1 = off")),
-        ("min_p", "Slider", dict(minimum=0, maximum=1, step=0.01, value=0.0, info="0 = off")),
-        ("repetition_penalty", "Slider", dict(minimum=0.5, maximum=2, step=0.05, value=1.0, info="1 = off")),
-        ("stop", "Textbox", dict(value="", lines=2, placeholder="one per line; \\n means a newline")),
-        ("seed", "Number", dict(value=-1, precision=0, minimum=-1, info="-1 = random")),
-    ]
+    """The sampling controls, top to bottom: (SampleConfig field, gradio component, its settings).
+
+    Made from SAMPLE_FIELD_NAMES (which fields, their labels) and SAMPLE_PAGE_CONTROLS (ranges, unset
+    values), with the field's own default and the last clause of its help as the hint below it.
+    """
+    out = []
+    for name, names in SAMPLE_FIELD_NAMES.items():
+        if names["page"] is None:
+            continue
+        hint = SampleConfig.__dataclass_fields__[name].metadata.get("help", "").rsplit("; ", 1)[-1]
+        look = SAMPLE_PAGE_CONTROLS.get(name, {})
+        if name in CEILINGS:  # the server's own ceiling is the slider's end
+            top = getattr(limits, CEILINGS[name])
+            out.append((name, "Slider", dict(minimum=1, maximum=top, step=1, value=min(PAGE_START.get(name, 1), top))))
+        elif str(SampleConfig.__dataclass_fields__[name].type).startswith("tuple"):
+            out.append((name, "Textbox", dict(value="", lines=2, placeholder="one per line; \\n means a newline")))
+        elif "unset" in look:
+            unset = look["unset"]
+            meaning = hint.split(" = ", 1)[-1] if " = " in hint else "off"
+            out.append((name, "Number", dict(value=unset, precision=0, minimum=unset, info=f"{unset} = {meaning}")))
+        else:
+            low, high, step = look["range"]
+            out.append((name, "Slider", dict(minimum=low, maximum=high, step=step,
+                                             value=getattr(SampleConfig, name), info=hint)))
+    return out
 
 
 def build_page(models: Sequence[ServedModel], limits: Limits | None = None, title: str = "gptlab",

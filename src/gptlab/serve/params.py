@@ -20,13 +20,13 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
-from gptlab.config import SAMPLE_FIELD_NAMES, SampleConfig, SettingError
+from gptlab.config import SAMPLE_FIELD_NAMES, SAMPLE_PAGE_CONTROLS, SampleConfig, SettingError
 from gptlab.errors import GptlabError
 from gptlab.generation import unescape
 from gptlab.serve.limits import Limits
 
 # Page controls whose value means "unset" (None in SampleConfig).
-PAGE_UNSET = {"top_k": 0, "seed": -1}
+PAGE_UNSET = {name: look["unset"] for name, look in SAMPLE_PAGE_CONTROLS.items() if "unset" in look}
 
 # Where OpenAI's default differs from SampleConfig's.
 API_DEFAULTS = {"temperature": 1.0}
