@@ -350,7 +350,8 @@ def test_non_latin_run_names_draw_without_warnings(tmp_path, char_data):
 
 def test_text_that_is_not_unicode_is_refused_the_same_on_the_command_line(tiny_run):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    for flag, words in (("--prompt", ("prompt", "not valid Unicode")), ("--stop", ("--stop", "valid Unicode"))):
+    # the char tokenizer names the character it cannot take; the stop strings' check names the flag
+    for flag, words in (("--prompt", ("'\\udcff'",)), ("--stop", ("--stop", "valid Unicode"))):
         # an undecodable byte on a command line reaches Python as a lone surrogate
         r = subprocess.run([sys.executable.encode(), b"-m", b"gptlab", b"sample", str(tiny_run).encode(),
                             flag.encode(), b"ROMEO\xff", b"--max-new-tokens", b"3"],

@@ -14,13 +14,13 @@ Design choices:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from gptlab.errors import GptlabError
+from gptlab.fsutil import read_json_object
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -281,14 +281,8 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
-        raise GptlabError(f"config file {path} not found; pass a run's config.json or a JSON file of settings")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GptlabError(f"config file {path} is not valid JSON ({e}); fix or regenerate it") from None
-    if not isinstance(raw, dict):
-        raise GptlabError(f"config file {path} must hold a JSON object")
+    raw = read_json_object(path, f"config file {path} not found; pass a run's config.json or a JSON file of settings",
+                           "fix or regenerate it")
     if "model" in raw or "train" in raw:
         sections = {name: raw.get(name, {}) for name in ("model", "train")}
         for name, section in sections.items():

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import json
 import os
 import re
 import signal
@@ -41,7 +40,7 @@ import numpy as np
 
 from gptlab.errors import GptlabError
 from gptlab.folders import check_writes_kind
-from gptlab.fsutil import atomic_write_bytes, cause, check_writable_folder, file_digest, write_json
+from gptlab.fsutil import atomic_write_bytes, cause, check_writable_folder, file_digest, read_json_object, write_json
 from gptlab.tokenizer import Tokenizer, tokenizer_kind
 
 if TYPE_CHECKING:
@@ -594,11 +593,9 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
         raise GptlabError(f"data folder {data_dir} not found; make it with `gptlab prepare <text> --out {data_dir}`")
     if not path.is_file():
         raise GptlabError(f"{data_dir} has no meta.json, so it is not a prepared data folder; run `gptlab prepare` on your text first")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        meta["train_tokens"], meta["val_tokens"], meta["dtype"]  # noqa: B018 - presence check
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise GptlabError(f"{path} is corrupt; re-run `gptlab prepare`") from None
+    meta = read_json_object(path, f"{path} not found", "re-run `gptlab prepare`")
+    if not all(key in meta for key in ("train_tokens", "val_tokens", "dtype")):
+        raise GptlabError(f"{path} is corrupt; re-run `gptlab prepare`")
     return meta
 
 
