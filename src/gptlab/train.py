@@ -459,7 +459,6 @@ class Run:
     peak_lrs: list[float]  # each group's own peak: Muon's differs from AdamW's
     losses: dict[str, float] = field(default_factory=lambda: {"train": math.nan, "val": math.nan})
     evaluated_at: int | None = None  # the step of the latest evaluation (or resume point)
-    eval_seconds: float = 0.0  # what the latest evaluation and save took: the clock keeps that much for the last
 
     @property
     def tokens_per_step(self) -> int:
@@ -520,7 +519,6 @@ class Run:
 
     def evaluate_and_save(self, state: TrainState, progress: Progress) -> None:
         """Score both splits, append a metrics row, save `last` (and `best` when val improved), show the losses."""
-        started = time.perf_counter()
         self.losses = estimate_loss(self.model, self.splits, self.cfg, self.model_cfg.block_size, self.device,
                                     self.autocast)
         self.evaluated_at = state.step
@@ -539,7 +537,6 @@ class Run:
                 ckpt.resume_hint(self.run_dir),
             )
         self.save(state, is_best)
-        self.eval_seconds = time.perf_counter() - started
         progress.write(
             f"step {state.step:>6}: train loss {self.losses['train']:.4f}, val loss {self.losses['val']:.4f}"
             f"{' (best so far, saved)' if is_best else ''}"
@@ -549,8 +546,7 @@ class Run:
         """Read the clock, evaluate and save when due, stop if asked to; returns whether training is over."""
         # every rank follows rank 0's clock and stops when any rank was asked to
         state.elapsed, stopping = distributed.agree(clock.elapsed(), stop.signal is not None)
-        # A clocked run stops early enough for its final evaluation to end within the budget.
-        finished = self.budget.done(state.step, state.elapsed + (self.eval_seconds if self.budget.clocked else 0.0))
+        finished = self.budget.done(state.step, state.elapsed)
         if (state.step % self.cfg.eval_interval == 0 or finished) and state.step != self.evaluated_at:
             self.evaluate_and_save(state, progress)
             if self.cfg.target_loss and self.losses["val"] <= self.cfg.target_loss:
