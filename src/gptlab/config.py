@@ -374,8 +374,8 @@ class SampleConfig:
     repetition_penalty: float = _help(
         "tokens already in the text: positive logits divided, negative multiplied by this (CTRL); 1 = off", default=1.0
     )
-    seed: int | None = _help("random seed: the same seed gives the same text; unset (None) = a fresh one", default=None)
     stop: tuple[str, ...] = _help("stop at the first of these strings (left out of the text)", default=())
+    seed: int | None = _help("random seed: the same seed gives the same text; unset (None) = a fresh one", default=None)
     max_new_tokens_limit: int = _help("ceiling on max_new_tokens, against typos like 3000000", default=100_000)
 
     def __post_init__(self) -> None:
