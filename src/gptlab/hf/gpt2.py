@@ -44,6 +44,8 @@ def hf_config(model_cfg: ModelConfig, vocab_size: int, eot_id: int | None) -> di
         "model_type": "gpt2",
         "vocab_size": vocab_size,
         "n_positions": model_cfg.block_size,
+        # The Hub's gpt2 carries n_ctx too, and llama.cpp's convert_hf_to_gguf.py reads it.
+        "n_ctx": model_cfg.block_size,
         "n_embd": model_cfg.n_embd,
         "n_layer": model_cfg.n_layer,
         "n_head": model_cfg.n_head,
@@ -58,6 +60,7 @@ def hf_config(model_cfg: ModelConfig, vocab_size: int, eot_id: int | None) -> di
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
         "tie_word_embeddings": True,
         "use_cache": True,
         "bos_token_id": eot_id,
