@@ -157,8 +157,11 @@ def add_model_commands(sub: Any) -> None:
                                    "or, with --format space, as a Gradio Space serving the page of gptlab serve.")
     x.add_argument("run", help="run folder")
     x.add_argument("--format", default="hf", help="hf: a transformers GPT-2 folder with tokenizer and model card; "
-                                                  "space: a Hugging Face Space (app.py, the model, gptlab) (default: 'hf')")
-    x.add_argument("--out", default=None, help="folder to write (default: exports/<run name>, exports/<run name>-space)")
+                                                  "space: a Hugging Face Space (app.py, the model, gptlab); "
+                                                  "gguf: one file for llama.cpp and Ollama, with a Modelfile (default: 'hf')")
+    x.add_argument("--out", default=None, help="folder to write, or the .gguf file "
+                                               "(default: exports/<run name>, exports/<run name>-space, exports/<run name>.gguf)")
+    x.add_argument("--outtype", default="f32", help="gguf weights: f32, f16, bf16 or q8_0 (default: 'f32')")
     x.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
 
@@ -364,8 +367,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from gptlab.hf.export import export
 
-    out = export(args.run, args.out, args.format, args.checkpoint, args.overwrite)
-    if args.format == "space":
+    out = export(args.run, args.out, args.format, args.checkpoint, args.overwrite, args.outtype)
+    if args.format == "gguf":
+        print(f"wrote {out}; run it with `llama-cli -m {out}`, or in Ollama with "
+              f"`ollama create NAME -f {out.with_suffix('.Modelfile')}`")
+    elif args.format == "space":
         print(f"wrote {out}; try it with `python {out / 'app.py'}`, then upload it with "
               f"`gptlab push {out} --repo-id USER/NAME --space`")
     else:

@@ -2,6 +2,7 @@
 
     gptlab export runs/shakespeare --format hf --out exports/shakespeare-gpt
     gptlab export runs/shakespeare --format space --out exports/shakespeare-space
+    gptlab export runs/shakespeare --format gguf --out exports/shakespeare.gguf
 
 Design choices:
 - An export is a plain `GPT2LMHeadModel` folder (config.json, model.safetensors,
@@ -10,6 +11,7 @@ Design choices:
   complete, so a failed export leaves the previous one or nothing.
 - A format is an entry of `FORMATS`: a function that fills an empty folder from an `ExportSource`.
 - Writing needs only safetensors and tokenizers; huggingface_hub is imported inside `hub.push`.
+- gguf is one file, not a folder (see gguf.py): it has its own target checks and atomic write.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from gptlab.errors import GptlabError
 from gptlab.folders import check_replaceable, check_writes_kind, write_export_marker
 from gptlab.fsutil import fsync_tree, write_text
 from gptlab.hf.card import model_card
+from gptlab.hf.gguf import OUTTYPES, check_gguf_target, write_gguf
 from gptlab.hf.gpt2 import hf_config, hf_generation_config, hf_state_dict
 from gptlab.hf.source import ExportSource, load_source
 from gptlab.hf.space import write_space
@@ -46,10 +49,13 @@ def write_hf(src: ExportSource, folder: Path) -> None:
     write_text(folder / "README.md", model_card(src, (folder / LOSS_PLOT).is_file()))
 
 FORMATS: dict[str, Callable[[ExportSource, Path], None]] = {"hf": write_hf, "space": write_space}
+FILE_FORMATS = ("gguf",)
 
 def default_export_dir(run_dir: str | Path, fmt: str) -> Path:
     """exports/<run name>, with the format appended when it is not the Hugging Face one."""
     name = Path(run_dir).resolve().name
+    if fmt in FILE_FORMATS:
+        return Path("exports") / f"{name}.{fmt}"
     return Path("exports") / (name if fmt == "hf" else f"{name}-{fmt}")
 
 def _check_target(out: Path, run_dir: Path, overwrite: bool) -> None:
@@ -65,13 +71,26 @@ def _check_target(out: Path, run_dir: Path, overwrite: bool) -> None:
         raise GptlabError(f"--overwrite would delete {out}, which holds the current folder or the run; choose another --out")
     check_replaceable(out, "export")
 
+def _export_gguf(run_dir: Path, out: Path, checkpoint: str, overwrite: bool, outtype: str) -> Path:
+    if outtype not in OUTTYPES:
+        raise GptlabError(f"--outtype {outtype!r} is not available; choose one of: {', '.join(OUTTYPES)}")
+    check_gguf_target(out, overwrite)
+    src = load_source(run_dir, checkpoint)
+    src.name = out.stem
+    write_gguf(src, out, outtype)
+    return out
+
 def export(run_dir: str | Path, out: str | Path | None = None, fmt: str = "hf", checkpoint: str = "best",
-           overwrite: bool = False) -> Path:
-    """Write the run in `run_dir` as a `fmt` folder at `out` (default exports/<run name>); returns it."""
-    if fmt not in FORMATS:
-        raise GptlabError(f"--format {fmt!r} is not available; choose one of: {', '.join(FORMATS)}")
+           overwrite: bool = False, outtype: str = "f32") -> Path:
+    """Write the run in `run_dir` as a `fmt` folder (or gguf file) at `out` (default under exports/); returns it."""
+    if fmt not in (*FORMATS, *FILE_FORMATS):
+        raise GptlabError(f"--format {fmt!r} is not available; choose one of: {', '.join((*FORMATS, *FILE_FORMATS))}")
+    if outtype != "f32" and fmt != "gguf":
+        raise GptlabError(f"--outtype is for --format gguf; drop --outtype {outtype} or use --format gguf")
     run_dir = Path(run_dir)
     out = Path(out) if out else default_export_dir(run_dir, fmt)
+    if fmt == "gguf":
+        return _export_gguf(run_dir, out, checkpoint, overwrite, outtype)
     _check_target(out, run_dir, overwrite)
     src = load_source(run_dir, checkpoint)
     target = out.resolve()
