@@ -89,6 +89,7 @@ def test_export_folder_holds_a_gpt2_that_matches_the_run(runs, tmp_path):
     run_model = json.loads((runs["char"] / "config.json").read_text())["model"]
     assert config["architectures"] == ["GPT2LMHeadModel"] and config["model_type"] == "gpt2"
     assert config["n_positions"] == run_model["block_size"] and config["n_embd"] == run_model["n_embd"]
+    assert config["n_ctx"] == config["n_positions"]  # llama.cpp's convert_hf_to_gguf.py reads n_ctx
     assert config["activation_function"] == "gelu"  # F.gelu exact, as model.py's default
     assert config["resid_pdrop"] == config["embd_pdrop"] == config["attn_pdrop"] == 0.0
     assert config["layer_norm_epsilon"] == 1e-5 and config["tie_word_embeddings"] is True

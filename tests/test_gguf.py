@@ -18,6 +18,7 @@ from .conftest import TINY_MODEL
 from .test_hf_import import prepared
 
 PROMPT = "ROMEO: Is it so? then\nI defy you, stars!"
+MIXED = "Naïve café, 日本語 and 🙂!\n\n  two  spaces,\ttab; it's 1234 o'clock... <|endoftext|> stays text\n"
 GREEDY_PROMPT = "ROMEO:\nWhat"
 BLOCK = 128  # room for the prompt and 40 new tokens: llama.cpp does not slide past its context
 
@@ -92,6 +93,19 @@ def test_llama_cpp_runs_the_export_as_we_do(kind, runs, tmp_path, one_thread):
     llm.reset()
     completion = llm.create_completion(GREEDY_PROMPT, max_tokens=40, temperature=0.0)["choices"][0]["text"]
     assert completion == greedy
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_llama_cpp_tokenizes_mixed_text_as_we_do(kind, runs, tmp_path):
+    out = export(runs[kind], tmp_path / "model.gguf", fmt="gguf")
+    llm = llama(out, vocab_only=True)
+    tokenizer = load(runs[kind], device="cpu").tokenizer
+    ids = tokenizer.encode(MIXED)
+    # Our bpe:N (Hugging Face tokenizers) reads a literal <|endoftext|> as the token, gpt2 (tiktoken) as
+    # text; llama.cpp does either, as asked.
+    assert llm.tokenize(MIXED.encode(), add_bos=False, special=kind == "bpe") == ids
+    assert llm.detokenize(ids, special=True).decode() == MIXED
+    assert llm.token_eos() == llm.token_bos() == tokenizer.eot_id
 
 
 @pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
