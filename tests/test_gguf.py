@@ -158,3 +158,16 @@ def test_bad_out_and_outtype_are_one_line_errors(runs, tmp_path):
     (tmp_path / "y.Modelfile").write_text("FROM llama3\n")
     with pytest.raises(GptlabError, match="not written by gptlab"):
         export(runs["bpe"], tmp_path / "y.gguf", fmt="gguf")
+
+
+def test_cli_errors_are_one_line_and_write_nothing(runs, tiny_run, tmp_path, capsys):
+    cases = [
+        ([tiny_run, "--out", tmp_path / "c.gguf"], "this run uses char"),
+        ([runs["bpe"], "--out", tmp_path / "x.bin"], "does not end in .gguf"),
+        ([runs["bpe"], "--out", tmp_path / "x.gguf", "--outtype", "q4_0"], "choose one of: f32, f16, bf16, q8_0"),
+    ]
+    for args, expected in cases:
+        code = cli.main(["export", *map(str, args), "--format", "gguf"])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -163,7 +163,7 @@ def add_model_commands(sub: Any) -> None:
                                                "(default: exports/<run name>, exports/<run name>-space, exports/<run name>.gguf)")
     x.add_argument("--outtype", default="f32", help="gguf weights: f32, f16, bf16 or q8_0 (default: 'f32')")
     x.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
-    x.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files (a .gguf --out: only a GGUF file)")
 
     u = sub.add_parser("push", help="upload an exported folder to the Hugging Face Hub",
                        description="Upload a folder to a Hub repo (created if needed). The token comes from HF_TOKEN "
