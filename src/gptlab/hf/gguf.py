@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from gptlab.config import SAMPLES_SETTINGS
 from gptlab.errors import GptlabError
-from gptlab.fsutil import atomic_write_text, cause
+from gptlab.fsutil import atomic_write_text, cause, fsync_dir
 from gptlab.hf.gpt2 import CONV1D, LAYER_NORM_EPS, hf_state_dict
-from gptlab.tokenizer import ENDOFTEXT, Tokenizer
+from gptlab.tokenizer import ENDOFTEXT, Tokenizer, merge_lines
 
 if TYPE_CHECKING:
     import numpy as np
@@ -80,16 +80,12 @@ def check_tokenizer(tokenizer: Tokenizer) -> None:
 def byte_level_vocab(tokenizer: Tokenizer) -> tuple[list[str], list[str], list[str]]:
     """Tokens (as GPT-2's vocab.json spells them, by id), merges ("a b") and the special tokens' texts."""
     spec = json.loads(tokenizer.hf_files()["tokenizer.json"])
-    vocab: dict[str, int] = spec["model"]["vocab"]
-    specials = [t["content"] for t in spec.get("added_tokens", []) if t.get("special")]
-    for text in specials:
-        vocab.setdefault(text, next(t["id"] for t in spec["added_tokens"] if t["content"] == text))
+    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
     tokens = [""] * tokenizer.vocab_size
-    for text, i in vocab.items():
+    for text, i in {**spec["model"]["vocab"], **specials}.items():
         if i < tokenizer.vocab_size:
             tokens[i] = text
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-    return tokens, merges, specials
+    return tokens, merge_lines(spec["model"].get("merges", [])), list(specials)
 
 
 def _add_tokenizer(writer: Any, tokenizer: Tokenizer) -> None:
@@ -208,6 +204,7 @@ def write_gguf(src: ExportSource, out: Path, outtype: str = "f32") -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     except OSError as e:
         raise GptlabError(f"could not write {out}: {cause(e, out)}; free disk space or choose another --out") from None
     finally:
