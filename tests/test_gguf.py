@@ -171,3 +171,22 @@ def test_cli_errors_are_one_line_and_write_nothing(runs, tiny_run, tmp_path, cap
         err = capsys.readouterr().err
         assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_q8_0_writes_f16_where_rows_do_not_split_into_its_blocks(small_corpus, tmp_path_factory, tmp_path, one_thread):
+    import gguf
+
+    from gptlab.train import train
+
+    run = tmp_path / "run-48"
+    model_cfg, cfg = resolve_config(overrides=dict(
+        **{**TINY_MODEL, "n_embd": 48, "block_size": BLOCK}, data=str(prepared(tmp_path_factory, small_corpus, "bpe:300")),
+        out=str(run), batch_size=8, max_iters=5, eval_interval=5, eval_iters=1, num_samples=1, sample_tokens=5,
+    ))
+    train(model_cfg, cfg, quiet=True)
+    out = export(run, tmp_path / "q.gguf", fmt="gguf", outtype="q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.attn_qkv.weight"] == "F16"  # rows of 48
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of 192
+    assert types["blk.0.attn_norm.weight"] == types["position_embd.weight"] == "F32"
+    assert llama(out).create_completion("ROMEO:", max_tokens=5, temperature=0.0)["choices"][0]["text"]
