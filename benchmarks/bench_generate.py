@@ -7,6 +7,10 @@ Columns, all from the same random weights, sampling at temperature 1 with top-k 
 - engine: `gptlab.engine.decode` (prefill once, preallocated KV cache, flat decode path).
 - recompute: nanoGPT's generate, written out below: the whole window runs through the model for
   every token, and only the last position goes through the output head (as nanoGPT does).
+- llama.cpp (gpt2-124m only, GGUF needs a byte-level BPE vocabulary): the same weights written by
+  `gptlab export --format gguf` as f32, f16 and q8_0 and decoded by llama-cpp-python at the same
+  thread count, one token at a time from end-of-text (sampling top-k 50, temperature 1). Skipped
+  with a note when llama-cpp-python is not installed.
 - hf: transformers' GPT2LMHeadModel.generate(use_cache=True, do_sample=True, top_k=50) with our
   weights copied in (Conv1D weights are our Linear weights transposed; missing biases are zeros).
   Skipped with a note when transformers is not installed (it is not a gptlab dependency). GPT-2's
@@ -139,6 +143,45 @@ def bench_size(name: str, runs: int, threads: int | None) -> list[tuple[str, str
     return rows
 
 
+def decode_with(llm, start: int, new_tokens: int) -> None:  # type: ignore[no-untyped-def]
+    """`new_tokens` tokens from llama.cpp, one at a time after `start` (end-of-text does not stop it)."""
+    llm.reset()
+    for count, _ in enumerate(llm.generate([start], top_k=TOP_K, temp=1.0), 1):
+        if count == new_tokens:
+            break
+
+
+def llama_cpp_rows(model: GPT, new_tokens: int, runs: int, threads: int) -> list[tuple[str, str]]:
+    """llama.cpp (through llama-cpp-python) on the same weights, exported by `gptlab export --format gguf`."""
+    import tempfile
+    from pathlib import Path
+
+    try:
+        import llama_cpp
+    except ImportError:
+        return [("llama.cpp", "skipped (pip install llama-cpp-python)")]
+    from gptlab.config import TrainConfig
+    from gptlab.hf.gguf import write_gguf
+    from gptlab.hf.source import ExportSource
+    from gptlab.tokenizer import GPT2Tokenizer
+
+    tokenizer = GPT2Tokenizer.build()  # GGUF carries a byte-level BPE vocabulary: GPT-2's fits the gpt2-124m shape
+    src = ExportSource(Path("."), model.config, TrainConfig(), tokenizer, "gpt2", model, Path("random.safetensors"),
+                       "bench")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for outtype in ("f32", "f16", "q8_0"):
+            path = Path(folder) / f"bench-{outtype}.gguf"
+            write_gguf(src, path, outtype)
+            llm = llama_cpp.Llama(str(path), n_ctx=model.config.block_size, n_threads=threads,
+                                  n_threads_batch=threads, n_batch=64, verbose=False, seed=0)
+
+            seconds = timed(lambda llm=llm: decode_with(llm, tokenizer.eot_id, new_tokens), runs)
+            rows.append((f"llama.cpp {outtype} ({path.stat().st_size / 1e6:,.0f} MB)", f"{new_tokens / seconds:,.1f} tok/s"))
+            del llm
+    return rows
+
+
 def main() -> None:
     """Print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -156,6 +199,11 @@ def main() -> None:
               f"context {settings['block_size']}, vocab {settings['vocab_size']:,}; {new_tokens} new tokens")
         for column, figure in bench_size(name, args.runs, args.engine_threads):
             print(f"  {column:<30} {figure}")
+        if settings["vocab_size"] == 50257:  # a GPT-2 vocabulary: the GGUF export can carry it
+            torch.manual_seed(0)
+            model = GPT(ModelConfig(**settings)).eval()  # the same weights bench_size used
+            for column, figure in llama_cpp_rows(model, new_tokens, args.runs, args.threads):
+                print(f"  {column:<30} {figure}")
 
 
 if __name__ == "__main__":
