@@ -96,15 +96,19 @@ def test_llama_cpp_runs_the_export_as_we_do(kind, runs, tmp_path, one_thread):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bpe"])
-def test_llama_cpp_tokenizes_mixed_text_as_we_do(kind, runs, tmp_path):
+def test_llama_cpp_tokenizes_mixed_text_as_we_do(kind, runs, tmp_path, shakespeare_text):
     out = export(runs[kind], tmp_path / "model.gguf", fmt="gguf")
     llm = llama(out, vocab_only=True)
     tokenizer = load(runs[kind], device="cpu").tokenizer
-    ids = tokenizer.encode(MIXED)
-    # Our bpe:N (Hugging Face tokenizers) reads a literal <|endoftext|> as the token, gpt2 (tiktoken) as
-    # text; llama.cpp does either, as asked.
-    assert llm.tokenize(MIXED.encode(), add_bos=False, special=kind == "bpe") == ids
-    assert llm.detokenize(ids, special=True).decode() == MIXED
+    # ~20 KB: plays, accents, CJK, emoji, runs of spaces, tabs, digits, code-like punctuation
+    text = shakespeare_text[200_000:214_000] + MIXED * 60 + "def f(x):\n\treturn x**2  # 🙂\n" * 20
+    assert len(text.encode()) > 20_000
+    for sample in (MIXED, text):
+        ids = tokenizer.encode(sample)
+        # Our bpe:N (Hugging Face tokenizers) reads a literal <|endoftext|> as the token, gpt2 (tiktoken)
+        # as text; llama.cpp does either, as asked.
+        assert llm.tokenize(sample.encode(), add_bos=False, special=kind == "bpe") == ids
+        assert llm.detokenize(ids, special=True).decode() == sample
     assert llm.token_eos() == llm.token_bos() == tokenizer.eot_id
 
 
