@@ -283,15 +283,18 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         path = path / "config.json"
     raw = read_json_object(path, f"config file {path} not found; pass a run's config.json or a JSON file of settings",
                            "fix or regenerate it")
+    return split_settings(raw, path)
+
+
+def split_settings(raw: dict[str, Any], path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model and train settings of a JSON object read from `path`: {"model": ..., "train": ...} or flat."""
     if "model" in raw or "train" in raw:
         sections = {name: raw.get(name, {}) for name in ("model", "train")}
         for name, section in sections.items():
             if not isinstance(section, dict):
                 raise GptlabError(f"config file {path}: \"{name}\" must be a JSON object of settings")
-        model, train = _split_flat({**sections["model"], **sections["train"]}, str(path))
-    else:
-        model, train = _split_flat(raw, str(path))
-    return model, train
+        return _split_flat({**sections["model"], **sections["train"]}, str(path))
+    return _split_flat(raw, str(path))
 
 
 def resolve_config(

@@ -39,7 +39,7 @@ from gptlab.device import autodetect_device
 from gptlab.engine import Engine, check_memory
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
-from gptlab.rundir import check_run
+from gptlab.rundir import RunFiles, check_run
 from gptlab.tokenizer import Tokenizer, start_ids
 
 
@@ -182,11 +182,10 @@ class TextModel:
     def generate(self, prompt: str = "", config: SampleConfig | None = None, **settings: Any) -> list[str]:
         """`num_samples` continuations of `prompt` (settings: any SampleConfig field, e.g. temperature=0.8)."""
         config = _config(config, settings)
-        check_memory(self.model, config, min(len(self.encode_prompt(prompt)), self.config.block_size))
-        texts: list[list[str]] = [[] for _ in range(config.num_samples)]
+        texts: dict[int, list[str]] = {}  # filled as pieces come: `events` checks the memory first
         for row, piece in self.pieces(prompt, config):
-            texts[row].append(piece)
-        return ["".join(t) for t in texts]
+            texts.setdefault(row, []).append(piece)
+        return ["".join(texts.get(row, ())) for row in range(config.num_samples)]
 
     def stream(self, prompt: str = "", config: SampleConfig | None = None, **settings: Any) -> Iterator[str]:
         """One continuation of `prompt`, yielded in pieces as it is made."""
@@ -239,11 +238,12 @@ def _config(config: SampleConfig | None, settings: dict[str, Any]) -> SampleConf
     return replace(config, **settings) if settings else config
 
 
-def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto", slide: int | None = None) -> TextModel:
-    """Load a run folder (config, tokenizer, weights) ready to generate text."""
+def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto", slide: int | None = None,
+         files: RunFiles | None = None) -> TextModel:
+    """Load a run folder (config, tokenizer, weights) ready to generate text (`files`: the run, already opened)."""
     run_dir = Path(run_dir)
-    model_cfg, train_cfg, tokenizer, path = check_run(run_dir, checkpoint)
-    model = GPT(model_cfg)
-    load_weights_into(model, path)
+    files = files or check_run(run_dir, checkpoint)
+    model = GPT(files.model_cfg)
+    load_weights_into(model, files.weights)
     model.to(autodetect_device(device))
-    return TextModel(model, tokenizer, run_dir=run_dir, data_dir=train_cfg.data, slide=slide)
+    return TextModel(model, files.tokenizer, run_dir=run_dir, data_dir=files.train_cfg.data, slide=slide)

@@ -62,16 +62,14 @@ def run_training(inputs: list[str], overrides: dict[str, Any], preset: str | Non
         if not (preset or config_file):
             overrides = size_to_data(overrides, data_dir, train_cfg.device, quiet=quiet or not distributed.is_main())
         model_cfg, train_cfg = resolve_config(preset, config_file, overrides)
+    if not train_cfg.data:
+        raise GptlabError("no training data; pass --data <prepared folder> or a text file (gptlab train my.txt)")
     init = None
     if train_cfg.init_from and not resume:
         from gptlab.hf.init import load_init
         from gptlab.tokenizer import load_tokenizer
 
-        if not train_cfg.data:
-            raise GptlabError("no training data; pass --data <prepared folder> or a text file (gptlab train my.txt)")
         init = load_init(train_cfg.init_from, model_cfg, load_tokenizer(train_cfg.data), train_cfg.data)
-    if not train_cfg.data:
-        raise GptlabError("no training data; pass --data <prepared folder> or a text file (gptlab train my.txt)")
     run_dir = Path(train_cfg.out) if train_cfg.out else default_run_dir(train_cfg.data)
     check_writes_kind(run_dir, "run")
     lock = RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext()

@@ -23,9 +23,9 @@ import json
 import math
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from gptlab.config import ModelConfig, TrainConfig, read_config_file
+from gptlab.config import ModelConfig, TrainConfig, split_settings
 from gptlab.errors import GptlabError
 from gptlab.fsutil import atomic_write_text, read_json_object
 from gptlab.tokenizer import Tokenizer, load_tokenizer
@@ -80,7 +80,7 @@ def read_run_config(run_dir: str | Path) -> tuple[ModelConfig, TrainConfig, dict
         raise GptlabError(f"{path}: model.n_head {heads} does not divide model.n_embd {width}; the file was "
                           "edited: put back the value the run was trained with")
     try:
-        model, train = read_config_file(path)
+        model, train = split_settings(raw, path)
         model_cfg, train_cfg = ModelConfig(**model), TrainConfig(**train)
     except GptlabError as e:
         raise GptlabError(f"{path} holds a setting gptlab cannot use ({e}); put back the value the run was trained "
@@ -103,7 +103,17 @@ def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                           "or retrain") from None
 
 
-def check_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[ModelConfig, TrainConfig, Tokenizer, Path]:
+class RunFiles(NamedTuple):
+    """A run folder opened by `check_run`: what its files say, checked against each other."""
+
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    tokenizer: Tokenizer
+    weights: Path  # the chosen checkpoint (it may not exist yet in a run that has not saved one)
+    recorded: dict[str, Any]  # the tokenizer as config.json records it
+
+
+def check_run(run_dir: str | Path, checkpoint: str = "best") -> RunFiles:
     """Open a run folder, checking its files against each other; its configs, tokenizer and weights path.
 
     config.json's keys, the tokenizer it records against tokenizer.json, and the shapes of the chosen
@@ -132,7 +142,7 @@ def check_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[ModelConfi
                       f"missing {missing[0]}" if missing else f"unexpected {sorted(set(got) - set(expected))[0]}")
             raise GptlabError(f"weights in {path} do not fit the model in config.json ({detail}); "
                               "the files come from different runs")
-    return model_cfg, train_cfg, tokenizer, path
+    return RunFiles(model_cfg, train_cfg, tokenizer, path, recorded)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -201,11 +211,10 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     return rows
 
 
-def run_summary(run_dir: str | Path) -> dict[str, Any]:
-    """What `gptlab info` shows about a run folder."""
+def run_summary(run_dir: str | Path, files: RunFiles | None = None) -> dict[str, Any]:
+    """What `gptlab info` shows about a run folder (`files`: the run, if `check_run` has opened it already)."""
     run_dir = Path(run_dir)
-    model_cfg, train_cfg, _, _ = check_run(run_dir)
-    tok = read_run_config(run_dir)[2]
+    model_cfg, train_cfg, _, _, tok = files or check_run(run_dir)
     rows = read_metrics(run_dir)
     vals = [r["val_loss"] for r in rows if not math.isnan(r["val_loss"])]
     files = {name: str((run_dir / name).resolve()) for name in RUN_FILES if (run_dir / name).is_file()}

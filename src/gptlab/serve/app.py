@@ -286,11 +286,11 @@ def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
     limits = limits or Limits()
     from gptlab.serve.models import check_runs, load_models
 
-    check_runs(runs)
+    checked = check_runs(runs, checkpoint)
     sock = bind(host, port)  # before the weights load: a port in use is reported at once
     try:
         port = sock.getsockname()[1]
-        models = load_models(runs, limits, checkpoint, device)
+        models = load_models(runs, limits, checkpoint, device, checked)
         url = local_url(host, port)
         app = build_app(models, limits, api_key, api_help=_api_help(url, models[0].name, api_key))
 

@@ -10,7 +10,7 @@ from typing import Any
 from gptlab.config import SampleConfig
 from gptlab.errors import GptlabError
 from gptlab.generation import Finish, TextModel
-from gptlab.rundir import LOSS_PLOT, check_run, run_summary
+from gptlab.rundir import LOSS_PLOT, RunFiles, check_run, run_summary
 from gptlab.serve.limits import GenerationQueue, Limits
 
 
@@ -53,11 +53,11 @@ class ServedModel:
         """How many tokens `prompt` is (the start token for an empty one); a GptlabError when it cannot be encoded."""
         return len(self.model.encode_prompt(prompt))
 
-    def check_memory(self, config: SampleConfig, prompt: str) -> None:
-        """A SettingError (num_samples) when generating `config` from `prompt` would not fit in memory."""
+    def check_memory(self, config: SampleConfig, prompt_tokens: int) -> None:
+        """A SettingError (num_samples) when generating `config` after a prompt this long would not fit in memory."""
         from gptlab.engine import check_memory
 
-        check_memory(self.model.model, config, min(self.prompt_tokens(prompt), self.model.config.block_size))
+        check_memory(self.model.model, config, min(prompt_tokens, self.model.config.block_size))
 
     def work(self, prompts: Sequence[str], config: SampleConfig) -> Iterator[tuple[int, str, Finish | None]]:
         """(choice index, piece, finish) for every prompt in turn, `config.num_samples` choices each."""
@@ -73,31 +73,30 @@ def model_names(runs: Sequence[str | Path]) -> list[str]:
     return [n if names.count(n) == 1 else p.as_posix().rstrip("/") for n, p in zip(names, paths)]
 
 
-def check_runs(runs: Sequence[str | Path]) -> list[str]:
-    """Each run's name, after checking every folder is a run (before any weights load)."""
+def check_runs(runs: Sequence[str | Path], checkpoint: str = "best") -> list[tuple[str, RunFiles]]:
+    """Each run's name and its opened files, after checking every folder is a whole run (before any weights load)."""
     if not runs:
         raise GptlabError("give at least one run folder to serve (gptlab serve runs/NAME)")
-    for run in runs:
-        check_run(run)
+    opened = [check_run(run, checkpoint) for run in runs]
     names = model_names(runs)
     if len(set(names)) != len(names):
         raise GptlabError("the same run folder is given twice; give each run once")
-    return names
+    return list(zip(names, opened))
 
 
-def load_models(runs: Sequence[str | Path], limits: Limits, checkpoint: str = "best",
-                device: str = "auto") -> list[ServedModel]:
-    """Load every run once, each with its own generation queue."""
+def load_models(runs: Sequence[str | Path], limits: Limits, checkpoint: str = "best", device: str = "auto",
+                checked: list[tuple[str, RunFiles]] | None = None) -> list[ServedModel]:
+    """Load every run once, each with its own generation queue (`checked`: what `check_runs` returned)."""
     from gptlab.generation import load
 
-    names = check_runs(runs)
+    checked = checked or check_runs(runs, checkpoint)
     threads = limits.threads_per_generation(len(runs))
     served = []
-    for name, run in zip(names, runs):
-        tm = load(run, checkpoint, device)
+    for (name, files), run in zip(checked, runs):
+        tm = load(run, checkpoint, device, files=files)
         config_path = Path(run) / "config.json"
         served.append(ServedModel(
-            name=name, model=tm, summary=run_summary(run), created=int(config_path.stat().st_mtime),
+            name=name, model=tm, summary=run_summary(run, files), created=int(config_path.stat().st_mtime),
             queue=GenerationQueue(limits.concurrency, limits.queue_size, threads, name),
         ))
     return served

@@ -348,7 +348,8 @@ def make_plan(models: dict[str, ServedModel], limits: Limits, body: Sampling, pr
                             f"--max-n), got {config.num_samples} x {len(prompts)}", param="n")
     prompt_tokens = check_prompts(served, prompts, limits, param)
     try:
-        served.check_memory(config, max(prompts, key=len))  # the prompts run one after another
+        # The prompts run one after another; their total length bounds the longest (no second encoding).
+        served.check_memory(config, prompt_tokens)
     except SettingError as e:
         raise ApiError(400, e.message_for("api"), param=e.name_for("api")) from None
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

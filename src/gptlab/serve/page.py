@@ -91,7 +91,7 @@ def build_page(models: Sequence[ServedModel], limits: Limits | None = None, titl
         prompt = prompt or ""
         try:
             config = page_config(prompt, settings, limits)
-            served.check_memory(config, prompt)  # encodes the prompt too: unknown characters are named here
+            served.check_memory(config, served.prompt_tokens(prompt))  # unknown characters are named here
             job = served.queue.submit(lambda: served.work([prompt], config))
         except SettingError as e:
             raise gr.Error(e.message_for("page")) from None
