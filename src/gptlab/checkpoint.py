@@ -19,7 +19,6 @@ from gptlab.errors import GptlabError
 from gptlab.fsutil import atomic_write_bytes
 from gptlab.rundir import LAST, TRAIN_STATE
 
-TIED_KEYS = ("lm_head.weight",)  # shares storage with transformer.wte.weight; stored once
 
 
 def resume_hint(run_dir: str | Path | None) -> str:
@@ -33,8 +32,16 @@ def resume_hint(run_dir: str | Path | None) -> str:
 
 
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors with tied copies dropped (safetensors refuses shared storage)."""
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    """The model's tensors with tied copies dropped (safetensors refuses shared storage): a tensor that
+    shares its storage with an earlier one (a tied output head) is left out, and the earlier one kept."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[name] = tensor.detach().contiguous().cpu()
+    return out
 
 
 def _weights_bytes(model: torch.nn.Module, metadata: dict[str, Any] | None) -> bytes:
@@ -69,7 +76,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 def load_weights_into(model: torch.nn.Module, path: str | Path) -> dict[str, str]:
     """Load a safetensors file into `model`, checking every name and shape; returns its metadata."""
     tensors, metadata = read_weights(path)
-    expected = {k: v.shape for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    expected = {k: v.shape for k, v in state_dict_for_saving(model).items()}
     got = {k: v.shape for k, v in tensors.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))

@@ -23,13 +23,19 @@ from gptlab.errors import GptlabError
 from gptlab.fsutil import read_json_object
 
 
+ARCHS = ("gpt2", "llama")
+# Model settings added with the llama block: a run's config.json written before them is a gpt2 run,
+# which is what their defaults describe, so they may be absent (every other model key must be there).
+LATER_MODEL_FIELDS = ("arch", "n_kv_head", "mlp_hidden", "rope_theta", "norm_eps", "tie_embeddings", "qk_norm")
+
+
 def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
 
 @dataclass
 class ModelConfig:
-    """Shape of a GPT-2-style model."""
+    """Shape of the model: a GPT-2 block or a Llama-style one (`arch`)."""
 
     n_layer: int = _help("number of transformer blocks", default=4)
     n_head: int = _help("attention heads per block (must divide n_embd)", default=4)
@@ -41,6 +47,18 @@ class ModelConfig:
     gelu_approximate: str = _help(
         "GELU form: 'none' (exact erf) or 'tanh' (the GPT-2 original)", default="none"
     )
+    arch: str = _help(
+        "block design: gpt2 (learned positions, LayerNorm, GELU MLP) or llama (rotary positions, RMSNorm, "
+        "SwiGLU MLP, no biases)", default="gpt2"
+    )
+    n_kv_head: int = _help("key/value heads (llama): fewer than --n-head is grouped-query attention; 0 = --n-head", default=0)
+    mlp_hidden: int = _help(
+        "MLP hidden width; 0 = 4 x n_embd (gpt2) or 8/3 x n_embd rounded up to a multiple of 64 (llama)", default=0
+    )
+    rope_theta: float = _help("rotary embedding base (llama)", default=10000.0)
+    norm_eps: float = _help("epsilon of the LayerNorm (gpt2) or RMSNorm (llama) layers", default=1e-5)
+    tie_embeddings: bool = _help("share one matrix between the token embedding and the output head", default=True)
+    qk_norm: bool = _help("RMSNorm on each head's queries and keys (llama; not expressible as a Llama export)", default=False)
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -59,17 +77,64 @@ class ModelConfig:
             raise GptlabError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.gelu_approximate not in ("none", "tanh"):
             raise GptlabError(f"--gelu-approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
+        if self.arch not in ARCHS:
+            raise GptlabError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        for name in ("n_kv_head", "mlp_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise GptlabError(f"--{name.replace('_', '-')} must be 0 (the default) or a positive integer, got {value!r}")
+        if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 1):
+            raise GptlabError(f"--rope-theta must be a number above 1 (10000 is usual), got {self.rope_theta!r}")
+        if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
+            raise GptlabError(f"--norm-eps must be a small positive number (1e-5 is usual), got {self.norm_eps!r}")
+        if self.arch == "gpt2":
+            if self.n_kv_head not in (0, self.n_head):
+                raise GptlabError("--n-kv-head (grouped-query attention) needs --arch llama; drop it for gpt2")
+            if self.qk_norm:
+                raise GptlabError("--qk-norm needs --arch llama; drop it for gpt2")
+            if not self.tie_embeddings:
+                raise GptlabError("--no-tie-embeddings needs --arch llama (GPT-2 ties its output head); drop it for gpt2")
+        else:
+            if self.n_head % self.kv_heads:
+                raise GptlabError(f"--n-kv-head {self.n_kv_head} does not divide --n-head {self.n_head}; "
+                                  f"pick a divisor of {self.n_head} (e.g. {self.n_head // 2 or 1})")
+            if self.head_size % 2:
+                raise GptlabError(f"--arch llama needs an even head size for rotary positions; --n-embd {self.n_embd} / "
+                                  f"--n-head {self.n_head} is {self.head_size}")
+            if self.bias:
+                raise GptlabError("--arch llama has no biases; drop --bias")
+
+    @property
+    def kv_heads(self) -> int:
+        """Heads of keys and values: n_kv_head, or one per query head."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self) -> int:
+        """Width of one attention head."""
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        """The MLP's hidden width."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.arch == "llama":  # SwiGLU's three matrices cost what GELU's two of 4x do (Llama's rule)
+            return -(-8 * self.n_embd // 3 // 64) * 64
+        return 4 * self.n_embd
 
     def param_shapes(self, vocab_size: int | None = None) -> dict[str, tuple[int, ...]]:
-        """Name and shape of every tensor the GPT of this config saves (the tied head once), without torch.
+        """Name and shape of every tensor the model of this config saves (a tied head once), without torch.
 
         The one statement of the model's shape outside model.py: the importers, the exporters and the
         parameter count read it, and a test holds it equal to the built model's state dict.
         """
-        V, C = vocab_size or self.vocab_size, self.n_embd
+        V, C, H = vocab_size or self.vocab_size, self.n_embd, self.hidden
+        if self.arch == "llama":
+            return self._llama_shapes(V)
         shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (self.block_size, C)}
         per_layer = {"ln_1": (C, C), "attn.c_attn": (3 * C, C), "attn.c_proj": (C, C), "ln_2": (C, C),
-                     "mlp.c_fc": (4 * C, C), "mlp.c_proj": (C, 4 * C)}
+                     "mlp.c_fc": (H, C), "mlp.c_proj": (C, H)}
         for layer in range(self.n_layer):
             for module, (out, inp) in per_layer.items():
                 prefix = f"transformer.h.{layer}.{module}"
@@ -81,8 +146,27 @@ class ModelConfig:
             shapes["transformer.ln_f.bias"] = (C,)
         return shapes
 
+    def _llama_shapes(self, V: int) -> dict[str, tuple[int, ...]]:
+        """Hugging Face LlamaForCausalLM's names (Qwen3's q_norm/k_norm for --qk-norm)."""
+        C, H, hs, kv = self.n_embd, self.hidden, self.head_size, self.kv_heads * self.head_size
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, C)}
+        for layer in range(self.n_layer):
+            p = f"model.layers.{layer}"
+            shapes[f"{p}.input_layernorm.weight"] = (C,)
+            shapes.update({f"{p}.self_attn.q_proj.weight": (C, C), f"{p}.self_attn.k_proj.weight": (kv, C),
+                           f"{p}.self_attn.v_proj.weight": (kv, C), f"{p}.self_attn.o_proj.weight": (C, C)})
+            if self.qk_norm:
+                shapes[f"{p}.self_attn.q_norm.weight"] = shapes[f"{p}.self_attn.k_norm.weight"] = (hs,)
+            shapes[f"{p}.post_attention_layernorm.weight"] = (C,)
+            shapes.update({f"{p}.mlp.gate_proj.weight": (H, C), f"{p}.mlp.up_proj.weight": (H, C),
+                           f"{p}.mlp.down_proj.weight": (C, H)})
+        shapes["model.norm.weight"] = (C,)
+        if not self.tie_embeddings:
+            shapes["lm_head.weight"] = (V, C)
+        return shapes
+
     def num_params(self, vocab_size: int | None = None) -> int:
-        """Parameter count (tied embedding counted once, position embeddings included)."""
+        """Parameter count (a tied embedding counted once, position embeddings included)."""
         return sum(math.prod(shape) for shape in self.param_shapes(vocab_size).values())
 
 

@@ -58,7 +58,7 @@ SMALL_WIDTH = 512
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated: one (B, n_head, max_len, head_size) pair per layer."""
+    """Keys and values of every layer, preallocated: one (B, kv_heads, max_len, head_size) pair per layer."""
 
     def __init__(
         self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_size: int,
@@ -80,7 +80,7 @@ class KVCache:
         """A cache shaped for `model`, on its device and in its dtype."""
         c = model.config
         p = next(model.parameters())
-        return cls(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, p.device, p.dtype)
+        return cls(c.n_layer, batch_size, c.kv_heads, max_len, c.head_size, p.device, p.dtype)
 
     def reset(self) -> None:
         """Forget every position (the tensors are reused)."""
@@ -231,7 +231,7 @@ def decode_bytes(model: torch.nn.Module, rows: int, prompt_len: int, max_new_tok
     c = model.config
     itemsize = next(model.parameters()).element_size()
     positions = min(c.block_size, prompt_len + max_new_tokens - 1)
-    cache = 2 * c.n_layer * rows * positions * c.n_embd * itemsize
+    cache = 2 * c.n_layer * rows * positions * c.kv_heads * c.head_size * itemsize
     logits = 4 * rows * c.vocab_size * 4  # logits, softmax and the filters' copies, float32
     text = rows * (4096 + (prompt_len + max_new_tokens) * 8)
     return cache + logits + text + (rows * c.vocab_size if penalty else 0)

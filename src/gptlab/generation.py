@@ -38,7 +38,7 @@ from gptlab.config import ModelConfig, SampleConfig, invalid_unicode_at
 from gptlab.device import autodetect_device
 from gptlab.engine import Engine, check_memory
 from gptlab.errors import GptlabError
-from gptlab.model import GPT
+from gptlab.model import LanguageModel, build_model
 from gptlab.rundir import RunFiles, check_run
 from gptlab.tokenizer import Tokenizer, start_ids
 
@@ -113,7 +113,7 @@ class SampleText:
 class TextModel:
     """A trained GPT and its tokenizer: generate text, stream it, look at next-token probabilities."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, run_dir: str | Path | None = None,
+    def __init__(self, model: LanguageModel, tokenizer: Tokenizer, run_dir: str | Path | None = None,
                  data_dir: str | None = None, slide: int | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -243,7 +243,7 @@ def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto", sl
     """Load a run folder (config, tokenizer, weights) ready to generate text (`files`: the run, already opened)."""
     run_dir = Path(run_dir)
     files = files or check_run(run_dir, checkpoint)
-    model = GPT(files.model_cfg)
+    model = build_model(files.model_cfg)
     load_weights_into(model, files.weights)
     model.to(autodetect_device(device))
     return TextModel(model, files.tokenizer, run_dir=run_dir, data_dir=files.train_cfg.data, slide=slide)

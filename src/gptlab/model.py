@@ -1,8 +1,16 @@
-"""The GPT, all of it, top to bottom.
+"""The models, all of them, top to bottom: GPT-2's block (`GPT`) and the Llama-style block (`Llama`).
 
 Design choices:
+- `build_model(config)` picks the class `config.arch` names; both offer the same methods (forward,
+  forward_cached, optimizer_groups, block_matrices, flops_per_token), so nothing else asks which.
 - GPT-2's architecture: learned position embeddings, pre-LayerNorm blocks, GELU MLP of width 4x,
   a final LayerNorm, and the output head tied to the token embedding.
+- The Llama block (Llama, SmolLM2, TinyLlama): rotary positions applied to queries and keys,
+  RMSNorm, a SwiGLU MLP, no biases, grouped-query attention (`n_kv_head` key/value heads, each
+  serving n_head / n_kv_head query heads), a tied or untied head, and optionally a per-head RMSNorm
+  of queries and keys (QK-norm, as Qwen3 and OLMo 2). Its parameter names are Hugging Face
+  `LlamaForCausalLM`'s, and rotary embeddings rotate the two halves of each head as HF does, so its
+  weights are HF's as they are.
 - Parameter names are Hugging Face GPT-2's (`transformer.h.0.attn.c_attn.weight`, ...), so moving
   weights to or from `GPT2LMHeadModel` is a copy plus a transpose (HF stores Conv1D as (in, out)).
 - Attention goes through `F.scaled_dot_product_attention` with `is_causal=True`: flash or
@@ -34,6 +42,40 @@ from torch.nn import functional as F
 from gptlab.config import ModelConfig
 
 
+class LanguageModel(nn.Module):
+    """What GPT and Llama share: parameter counting, optimizer groups, the flat decode path's bookkeeping."""
+
+    config: ModelConfig
+    _decode: Any = None
+
+    def num_params(self) -> int:
+        """Parameters, with a tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def optimizer_groups(self, weight_decay: float, exclude: frozenset[int] = frozenset()) -> list[dict]:
+        """AdamW parameter groups: decay matrices and embeddings, not biases or norm gains.
+
+        `exclude` holds the `id()`s of parameters another optimizer takes care of.
+        """
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in exclude]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 per parameter plus attention (PaLM appendix B)."""
+        c = self.config
+        n = self.num_params() - (c.block_size * c.n_embd if c.arch == "gpt2" else 0)  # a position lookup is free
+        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def _check_cached(self, T: int, start: int) -> None:
+        if start + T > self.config.block_size:
+            raise ValueError(f"positions {start}..{start + T - 1} run past the context length {self.config.block_size}")
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position sees only itself and the past."""
 
@@ -63,8 +105,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.approximate = config.gelu_approximate
 
@@ -78,9 +120,9 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,13 +130,15 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(LanguageModel):
     """A GPT-2-style decoder-only language model."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.vocab_size < 1:
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building a GPT")
+        if config.arch != "gpt2":
+            raise ValueError(f"GPT builds the gpt2 block, not {config.arch!r}; use build_model(config)")
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
@@ -102,7 +146,7 @@ class GPT(nn.Module):
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -122,10 +166,6 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def num_params(self) -> int:
-        """Parameters, with the tied embedding counted once."""
-        return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T), T <= block_size."""
@@ -149,27 +189,26 @@ class GPT(nn.Module):
         """
         B, T = idx.size()
         start = cache.pos
-        if start + T > self.config.block_size:
-            raise ValueError(f"positions {start}..{start + T - 1} run past the context length {self.config.block_size}")
+        self._check_cached(T, start)
         if start == 0 or self._decode is None:
             self._decode = _DecodeTensors.refresh(self, self._decode)
         if T == 1 and start > 0:
             return self._decode_one(idx, cache)
-        C, nh = self.config.n_embd, self.config.n_head
+        C, nh, eps = self.config.n_embd, self.config.n_head, self.config.norm_eps
         d = self._decode
         # Rows are (B*T, C) throughout, so every linear is one matmul. Slicing the position table is
         # the same lookup as wpe(arange) without building an index tensor.
         x = (torch.embedding(d.wte, idx) + d.wpe[start : start + T]).view(B * T, C)
         for layer, (ln_1, attn, proj, ln_2, fc, mlp_proj, act) in enumerate(d.layers):
-            h = torch.layer_norm(x, (C,), *ln_1)
+            h = torch.layer_norm(x, (C,), *ln_1, eps)
             q, k, v = _linear(h, *attn).view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hs)
             k, v = cache.update(layer, k, v)  # (B, nh, cached + T, hs)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
             x = _linear(y.transpose(1, 2).reshape(B * T, C), *proj, residual=x)
-            h = act(_linear(torch.layer_norm(x, (C,), *ln_2), *fc))
+            h = act(_linear(torch.layer_norm(x, (C,), *ln_2, eps), *fc))
             x = _linear(h, *mlp_proj, residual=x)
         cache.advance(T)
-        x = torch.layer_norm(x.view(B, T, C)[:, -1, :], (C,), *d.ln_f)  # only the last position  (B, C)
+        x = torch.layer_norm(x.view(B, T, C)[:, -1, :], (C,), *d.ln_f, eps)  # only the last position  (B, C)
         return _linear(x, *d.head)  # (B, vocab_size)
 
     def _decode_one(self, idx: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -180,36 +219,21 @@ class GPT(nn.Module):
         made once per cache, so a step costs fewer and cheaper ops (cpu-tiny: ~1.4x more tokens/s).
         """
         B = idx.size(0)
-        C, nh = self.config.n_embd, self.config.n_head
+        C, nh, eps = self.config.n_embd, self.config.n_head, self.config.norm_eps
         d = self._decode
         n = cache.pos
         x = torch.embedding(d.wte, idx.view(B)) + d.wpe_rows[n]  # (B, C)
         visible = cache.visible(n)  # (1, 1, 1, max_len): positions 0..n
         for layer, (ln_1, attn, proj, ln_2, fc, mlp_proj, act) in enumerate(d.layers):
-            h = torch.layer_norm(x, (C,), *ln_1)
+            h = torch.layer_norm(x, (C,), *ln_1, eps)
             q, k, v = _linear(h, *attn).view(B, 3, nh, 1, C // nh).unbind(1)  # (B, nh, 1, hs)
             k, v = cache.write(layer, n, k, v)  # (B, nh, max_len, hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # (B, nh, 1, hs)
             x = _linear(y.view(B, C), *proj, residual=x)
-            h = act(_linear(torch.layer_norm(x, (C,), *ln_2), *fc))
+            h = act(_linear(torch.layer_norm(x, (C,), *ln_2, eps), *fc))
             x = _linear(h, *mlp_proj, residual=x)
         cache.advance(1)
-        return _linear(torch.layer_norm(x, (C,), *d.ln_f), *d.head)  # (B, vocab_size)
-
-    _decode: Any = None
-
-    def optimizer_groups(self, weight_decay: float, exclude: frozenset[int] = frozenset()) -> list[dict]:
-        """AdamW parameter groups: decay matrices and embeddings, not biases or LayerNorm gains.
-
-        `exclude` holds the `id()`s of parameters another optimizer takes care of.
-        """
-        params = [p for p in self.parameters() if p.requires_grad and id(p) not in exclude]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        return _linear(torch.layer_norm(x, (C,), *d.ln_f, eps), *d.head)  # (B, vocab_size)
 
     def block_matrices(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """The blocks' 2-D weights: the fused query/key/value matrices, and all the others (what Muon takes)."""
@@ -218,11 +242,172 @@ class GPT(nn.Module):
         other = [p for block in self.transformer.h for p in block.parameters() if p.dim() == 2 and id(p) not in fused]
         return qkv, other
 
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 per parameter plus attention (PaLM appendix B)."""
+
+# ---- the Llama-style block ----
+
+def rope_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (length, head_size / 2) of each position's rotation angles, float32 (HF's frequencies)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each head's first and second half as one pair of coordinates per frequency: x (..., T, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (..., T, hs/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    """Causal self-attention with rotary positions, grouped-query heads and optional QK-norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        C, hs = config.n_embd, config.head_size
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, hs
+        self.q_proj = nn.Linear(C, C, bias=False)
+        self.k_proj = nn.Linear(C, self.n_kv_head * hs, bias=False)
+        self.v_proj = nn.Linear(C, self.n_kv_head * hs, bias=False)
+        self.o_proj = nn.Linear(C, C, bias=False)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(hs, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(hs, eps=config.norm_eps)
+        self.qk_norm = config.qk_norm
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_size)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_size)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hs)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, nh, T, hs)
+        return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class SwiGLU(nn.Module):
+    """The gated MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.hidden, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.hidden, bias=False)
+        self.down_proj = nn.Linear(config.hidden, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class LlamaBlock(nn.Module):
+    """Pre-RMSNorm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(LanguageModel):
+    """A Llama-style decoder-only language model, under Hugging Face LlamaForCausalLM's parameter names."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.vocab_size < 1:
+            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building a model")
+        if config.arch != "llama":
+            raise ValueError(f"Llama builds the llama block, not {config.arch!r}; use build_model(config)")
+        self.config = config
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+                layers=nn.ModuleList([LlamaBlock(config) for _ in range(config.n_layer)]),
+                norm=nn.RMSNorm(config.n_embd, eps=config.norm_eps),
+            )
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Not parameters and not saved: they follow from the config (and move with .to(device)).
+        cos, sin = rope_tables(config.head_size, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(GPT._init_weights)
+        for name, p in self.named_parameters():  # the residual projections, scaled as GPT-2's
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T), T <= block_size."""
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than the context length {self.config.block_size}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hs/2)
+        x = self.drop(self.model.embed_tokens(idx))  # (B, T, C)
+        for block in self.model.layers:
+            x = block(x, cos, sin)
+        x = self.model.norm(x)
+        if self.training and x.is_cuda:
+            return padded_linear(x, self.lm_head.weight)
+        return self.lm_head(x)  # (B, T, vocab_size)
+
+    def forward_cached(self, idx: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Logits (B, vocab_size) of the last position of `idx` (B, T), reading and extending `cache`.
+
+        As `GPT.forward_cached`: a whole window into an empty cache, or one token per row after it.
+        Cached keys are stored rotated, at the positions they were computed for.
+        """
+        B, T = idx.size()
+        start = cache.pos
+        self._check_cached(T, start)
+        if start == 0 or self._decode is None:
+            self._decode = _LlamaDecodeTensors.refresh(self, self._decode)
+        d = self._decode
         c = self.config
-        n = self.num_params() - c.block_size * c.n_embd
-        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+        C, nh, nkv, hs, eps = c.n_embd, c.n_head, c.kv_heads, c.head_size, c.norm_eps
+        one = T == 1 and start > 0
+        cos, sin = (d.cos_rows[start], d.sin_rows[start]) if one else (d.cos[start : start + T], d.sin[start : start + T])
+        visible = cache.visible(start) if one else None
+        x = torch.embedding(d.wte, idx).view(B * T, C)  # rows are (B*T, C) throughout: one matmul per linear
+        for layer, (ln_1, qkv, q_norm, k_norm, proj, ln_2, gate_up, down) in enumerate(d.layers):
+            h = _linear(F.rms_norm(x, (C,), ln_1, eps), *qkv).view(B, T, nh + 2 * nkv, hs)
+            q, k, v = h.split((nh, nkv, nkv), dim=2)  # (B, T, heads, hs)
+            if q_norm is not None:
+                q, k = F.rms_norm(q, (hs,), q_norm, eps), F.rms_norm(k, (hs,), k_norm, eps)
+            q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hs)
+            k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
+            v = v.transpose(1, 2)
+            if one:  # the whole preallocated cache under a mask of the filled positions (see GPT._decode_one)
+                k, v = cache.write(layer, start, k, v)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=nkv != nh)
+            else:
+                k, v = cache.update(layer, k, v)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=nkv != nh)
+            x = _linear(y.transpose(1, 2).reshape(B * T, C), *proj, residual=x)
+            gate, up = _linear(F.rms_norm(x, (C,), ln_2, eps), *gate_up).chunk(2, dim=1)
+            x = _linear(F.silu(gate) * up, *down, residual=x)
+        cache.advance(T)
+        x = F.rms_norm(x.view(B, T, C)[:, -1, :], (C,), d.norm, eps)  # only the last position  (B, C)
+        return _linear(x, *d.head)  # (B, vocab_size)
+
+    def block_matrices(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The blocks' 2-D weights: (none fused, all of them), as GPT.block_matrices gives them to Muon."""
+        return [], [p for block in self.model.layers for p in block.parameters() if p.dim() == 2]
 
 
 def padded_linear(x: torch.Tensor, weight: torch.Tensor, multiple: int = 64) -> torch.Tensor:
@@ -256,7 +441,38 @@ def _erf_gelu(u: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(u, u, torch.erf(u))
 
 
-class _DecodeTensors:
+def _decode_linear(module: nn.Linear | None, on_cpu: bool, weight: torch.Tensor | None = None, scale: float = 1.0,
+                   scale_bias: bool = False) -> tuple:
+    """(weight, bias, transposed) for `_linear`: on the CPU, matrices with at least as many outputs as
+    inputs kept transposed (see _DecodeTensors); `weight` replaces the module's (a fused copy)."""
+    w = (module.weight if weight is None else weight).detach()
+    bias = module.bias if module is not None else None
+    if scale != 1.0:
+        w = w * scale
+        bias = bias * scale if bias is not None and scale_bias else bias
+    transposed = on_cpu and w.size(0) >= w.size(1)
+    return (w.t().contiguous() if transposed else w, bias, transposed)
+
+
+class _Refreshable:
+    """Tensors gathered once from a model for its decode path, rebuilt when a parameter changed."""
+
+    stamp: tuple
+
+    @staticmethod
+    def stamp_of(model: nn.Module) -> tuple:
+        """Identity, storage and in-place version of every parameter."""
+        return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
+
+    @classmethod
+    def refresh(cls, model: Any, current: Any) -> Any:
+        """`current` if the parameters are unchanged since it was made, else a new one."""
+        if current is not None and current.stamp == cls.stamp_of(model):
+            return current
+        return cls(model)  # type: ignore[call-arg]
+
+
+class _DecodeTensors(_Refreshable):
     """What `forward_cached` reads, gathered once instead of ~120 module attribute lookups (~1 us each)
     per step of the cpu-tiny shape; rebuilt when a parameter has been replaced or changed in place.
 
@@ -277,12 +493,7 @@ class _DecodeTensors:
         self.stamp = self.stamp_of(model)
 
         def linear(module: nn.Linear, scale: float = 1.0, scale_bias: bool = False) -> tuple:
-            w, bias = module.weight.detach(), module.bias
-            if scale != 1.0:
-                w = w * scale
-                bias = bias * scale if bias is not None and scale_bias else bias
-            transposed = on_cpu and w.size(0) >= w.size(1)
-            return (w.t().contiguous() if transposed else w, bias, transposed)
+            return _decode_linear(module, on_cpu, scale=scale, scale_bias=scale_bias)
 
         def mlp(b: Block) -> tuple:
             if on_cpu and b.mlp.approximate == "none":
@@ -300,14 +511,34 @@ class _DecodeTensors:
         self.ln_f = (t.ln_f.weight, t.ln_f.bias)
         self.head = linear(model.lm_head)
 
-    @staticmethod
-    def stamp_of(model: GPT) -> tuple:
-        """Identity, storage and in-place version of every parameter."""
-        return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
 
-    @classmethod
-    def refresh(cls, model: GPT, current: _DecodeTensors | None) -> _DecodeTensors:
-        """`current` if the parameters are unchanged since it was made, else a new one."""
-        if current is not None and current.stamp == cls.stamp_of(model):
-            return current
-        return cls(model)
+class _LlamaDecodeTensors(_Refreshable):
+    """What `Llama.forward_cached` reads: per layer the query/key/value matrices fused into one and
+    gate/up into one (one matmul each per step), laid out as `_DecodeTensors` lays GPT's out."""
+
+    def __init__(self, model: Llama) -> None:
+        m = model.model
+        on_cpu = m.embed_tokens.weight.device.type == "cpu"
+        self.stamp = self.stamp_of(model)
+        self.wte = m.embed_tokens.weight
+        self.cos, self.sin = model.rope_cos, model.rope_sin
+        self.cos_rows, self.sin_rows = list(self.cos.unbind(0)), list(self.sin.unbind(0))
+        self.layers = []
+        for b in m.layers:
+            a = b.self_attn
+            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
+            gate_up = torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]).detach()
+            norms = (a.q_norm.weight, a.k_norm.weight) if a.qk_norm else (None, None)
+            self.layers.append((b.input_layernorm.weight, _decode_linear(None, on_cpu, qkv), *norms,
+                                _decode_linear(a.o_proj, on_cpu), b.post_attention_layernorm.weight,
+                                _decode_linear(None, on_cpu, gate_up), _decode_linear(b.mlp.down_proj, on_cpu)))
+        self.norm = m.norm.weight
+        self.head = _decode_linear(model.lm_head, on_cpu)
+
+
+MODELS: dict[str, type[LanguageModel]] = {"gpt2": GPT, "llama": Llama}
+
+
+def build_model(config: ModelConfig) -> LanguageModel:
+    """The model `config.arch` names, freshly initialised."""
+    return MODELS[config.arch](config)

@@ -1,10 +1,10 @@
 """The optimizers `--optimizer` names, in one registry: each a function (model, cfg, device) -> optimizer.
 
 Design choices:
-- AdamW decays matrices and embeddings but not biases or LayerNorm gains (`GPT.optimizer_groups`),
+- AdamW decays matrices and embeddings but not biases or LayerNorm gains (`LanguageModel.optimizer_groups`),
   and runs fused where the device has a fused kernel.
-- Muon (gptlab/muon.py) takes the blocks' matrices as the model names them (`GPT.block_matrices`),
-  the fused query/key/value weight as three square matrices; AdamW takes the rest (embeddings, the
+- Muon (gptlab/muon.py) takes the blocks' matrices as the model names them (`block_matrices`), GPT's
+  fused query/key/value weight as three square matrices; AdamW takes the rest (embeddings, the
   tied head, gains, biases). The two step together as one `OptimizerSet`.
 - Each group's "lr" is its peak; the trainer scales every group by the schedule, so Muon keeps
   its own peak (`--muon-lr`).
@@ -19,7 +19,7 @@ import torch
 
 from gptlab.config import TrainConfig
 from gptlab.errors import GptlabError
-from gptlab.model import GPT
+from gptlab.model import LanguageModel
 from gptlab.muon import Muon, OptimizerSet
 
 
@@ -33,23 +33,24 @@ def _fused_adamw(groups: list[dict], cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def adamw(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def adamw(model: LanguageModel, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over every parameter, with weight decay on matrices and embeddings only."""
     return _fused_adamw(model.optimizer_groups(cfg.weight_decay), cfg, device)
 
 
-def muon(model: GPT, cfg: TrainConfig, device: torch.device) -> OptimizerSet:
+def muon(model: LanguageModel, cfg: TrainConfig, device: torch.device) -> OptimizerSet:
     """Muon for the blocks' matrices (query, key and value orthogonalised apart), AdamW for the rest."""
     qkv, other = ([p for p in group if p.requires_grad] for group in model.block_matrices())
-    matrices = Muon([{"params": qkv, "split": 3}, {"params": other}], lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": qkv, "split": 3}, {"params": other}]  # a model without a fused qkv has no first group
+    matrices = Muon([g for g in groups if g["params"]], lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
     rest = model.optimizer_groups(cfg.weight_decay, exclude=frozenset(id(p) for p in qkv + other))
     return OptimizerSet(matrices, _fused_adamw(rest, cfg, device))
 
 
-OPTIMIZERS: dict[str, Callable[[GPT, TrainConfig, torch.device], Any]] = {"adamw": adamw, "muon": muon}
+OPTIMIZERS: dict[str, Callable[[LanguageModel, TrainConfig, torch.device], Any]] = {"adamw": adamw, "muon": muon}
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Any:
+def make_optimizer(model: LanguageModel, cfg: TrainConfig, device: torch.device) -> Any:
     """The optimizer `cfg.optimizer` names, built for `model` on `device`."""
     build = OPTIMIZERS.get(cfg.optimizer)
     if build is None:

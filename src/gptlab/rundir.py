@@ -25,7 +25,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from gptlab.config import ModelConfig, TrainConfig, split_settings
+from gptlab.config import LATER_MODEL_FIELDS, ModelConfig, TrainConfig, split_settings
 from gptlab.errors import GptlabError
 from gptlab.fsutil import atomic_write_text, read_json_object
 from gptlab.tokenizer import Tokenizer, load_tokenizer
@@ -71,7 +71,7 @@ def read_run_config(run_dir: str | Path) -> tuple[ModelConfig, TrainConfig, dict
     model_section = raw.get("model")
     if not isinstance(model_section, dict) or "train" not in raw:
         raise GptlabError(f"{path} has no \"model\" and \"train\" sections, so it is not a run's config.json")
-    missing = [f.name for f in fields(ModelConfig) if f.name not in model_section]
+    missing = [f.name for f in fields(ModelConfig) if f.name not in model_section and f.name not in LATER_MODEL_FIELDS]
     if missing:
         raise GptlabError(f"{path} lacks the key model.{missing[0]}; put back the value the run was trained with "
                           "(the weights fix the shape), or retrain")

@@ -4,7 +4,7 @@ Design choices:
 - One flat loop in `train_steps`, in nanoGPT's order: fetch batch, forward, loss, backward
   (x grad_accum), clip, step, log; then, every `eval_interval` steps and at the end, evaluate,
   append a metrics row and save `last` (and `best` when val improves). Setup is a few small helpers
-  before it (`open_run_dir`, `build_model`, `make_batches`, `Budget`, `build_run`).
+  before it (`open_run_dir`, `seeded_model`, `make_batches`, `Budget`, `build_run`).
 - Where training stands is one `TrainState` (step, best val loss, tokens seen, time, LR scale,
   rollbacks): a checkpoint saves it, and `--resume` and a rollback restore it.
 - A run is bounded by steps (--max-iters, --epochs) or by the clock (--time); `Budget` knows which
@@ -58,7 +58,7 @@ from gptlab.device import (
     warn,
 )
 from gptlab.errors import GptlabError, TrainingInterrupted
-from gptlab.model import GPT
+from gptlab.model import LanguageModel, build_model
 from gptlab.optim import make_optimizer
 from gptlab.sizing import memorisation_warning
 from gptlab.tokenizer import Tokenizer, load_tokenizer
@@ -417,11 +417,11 @@ def open_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
-def build_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
-                weights: dict[str, torch.Tensor] | None) -> GPT:
-    """The GPT, initialised from the run seed (or loaded from `weights`), on `device`."""
+def seeded_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
+                 weights: dict[str, torch.Tensor] | None) -> LanguageModel:
+    """The model, initialised from the run seed (or loaded from `weights`), on `device`."""
     seed_everything(cfg.seed)
-    model = GPT(model_cfg).to(device)
+    model = build_model(model_cfg).to(device)
     if weights is not None:
         model.load_state_dict(weights)
     if distributed.world_size() > 1:  # same weights everywhere, but each rank its own dropout
@@ -446,7 +446,7 @@ class Run:
     run_dir: Path
     device: torch.device
     dtype: torch.dtype
-    model: GPT
+    model: LanguageModel
     ddp_model: torch.nn.Module  # the model itself in one process
     optimizer: Any
     scaler: torch.amp.GradScaler
@@ -585,7 +585,7 @@ def build_run(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, device: t
               weights: dict[str, torch.Tensor] | None, splits: dict[str, np.ndarray]) -> Run:
     """The model, optimizer, grad scaler, batches, budget and loss of a run, ready for the loop."""
     dtype = resolve_dtype(cfg.dtype, device)
-    model = build_model(model_cfg, cfg, device, weights)
+    model = seeded_model(model_cfg, cfg, device, weights)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     batches = make_batches(splits["train"], model_cfg.block_size, cfg)
@@ -747,7 +747,7 @@ def train(
     )
 
 
-def finish_run(run_dir: Path, model: GPT, tokenizer: Any, cfg: TrainConfig, say: Any) -> None:
+def finish_run(run_dir: Path, model: LanguageModel, tokenizer: Any, cfg: TrainConfig, say: Any) -> None:
     """Write loss.png and samples.txt (from the best weights) and print where everything is."""
     from gptlab.report import plot_losses, write_samples
 

@@ -11,7 +11,7 @@ from gptlab.rundir import read_run_config, weights_path
 from gptlab.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from gptlab.model import GPT
+    from gptlab.model import LanguageModel
 
 
 @dataclass
@@ -23,7 +23,7 @@ class ExportSource:
     train_cfg: TrainConfig
     tokenizer: Tokenizer
     tokenizer_spec: str
-    model: GPT
+    model: LanguageModel
     weights: Path
     name: str = ""  # what the export will be called (its folder name)
 
