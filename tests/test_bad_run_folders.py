@@ -106,3 +106,28 @@ def test_resuming_from_a_folder_whose_data_moved_is_a_clear_error(copy_run):
     (run / "config.json").write_text(json.dumps(config))
     assert_one_line_error(gptlab("train", "--resume", run, "--max-iters", "40"), "no-such-data")
     shutil.rmtree(run)
+
+
+def test_a_run_written_before_the_llama_settings_is_a_gpt2_run(copy_run):
+    """config.json from before arch, n_kv_head, ... existed: the defaults describe what it was trained as."""
+    import json
+
+    from gptlab.config import LATER_MODEL_FIELDS
+
+    run = copy_run()
+    config = json.loads((run / "config.json").read_text())
+    before = {k: v for k, v in config["model"].items() if k not in LATER_MODEL_FIELDS}
+    assert len(before) == len(config["model"]) - len(LATER_MODEL_FIELDS)
+    (run / "config.json").write_text(json.dumps({**config, "model": before}))
+    r = gptlab("sample", run, "--max-new-tokens", "5", "--seed", "1")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_run_whose_arch_was_edited_no_longer_fits_its_weights(copy_run):
+    import json
+
+    run = copy_run()
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["arch"] = "llama"
+    (run / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(gptlab("sample", run, "--max-new-tokens", "5"), "best.safetensors", "do not fit")

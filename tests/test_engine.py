@@ -1,4 +1,4 @@
-"""The engine: KV cache against the full forward, sliding windows, sampling functions, seeds, limits."""
+"""The engine: KV cache against the full forward (both blocks), sliding windows, sampling functions, seeds, limits."""
 
 from __future__ import annotations
 
@@ -21,24 +21,35 @@ from gptlab.engine import (
     top_p_filter,
 )
 from gptlab.errors import GptlabError
-from gptlab.model import GPT
+from gptlab.model import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny(block_size=64, vocab_size=50, bias=False, n_layer=2, **kw):
+# The block designs the cached path must agree with the full forward for: GPT-2 (with and without
+# biases), and Llama with grouped-query attention, and with QK-norm, an untied head and another theta.
+VARIANTS = {
+    "gpt2": dict(),
+    "gpt2-bias": dict(bias=True),
+    "llama-gqa": dict(arch="llama", n_head=4, n_kv_head=2),
+    "llama-qk-norm": dict(arch="llama", n_head=4, n_kv_head=1, qk_norm=True, tie_embeddings=False, rope_theta=500.0),
+}
+ARCHS = ["gpt2", "llama-gqa", "llama-qk-norm"]
+
+
+def tiny(block_size=64, vocab_size=50, n_layer=2, variant="gpt2", **kw):
     torch.manual_seed(0)
-    return GPT(ModelConfig(n_layer=n_layer, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size,
-                           bias=bias, **kw)).eval()
+    settings = dict(n_layer=n_layer, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size)
+    return build_model(ModelConfig(**{**settings, **VARIANTS[variant], **kw})).eval()
 
 
 def kept(logits: torch.Tensor) -> set[int]:
     return set(torch.nonzero(torch.isfinite(logits[0])).flatten().tolist())
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_kv_cache_matches_full_forward(bias):
-    model = tiny(block_size=256, bias=bias)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kv_cache_matches_full_forward(variant):
+    model = tiny(block_size=256, variant=variant)
     seq = torch.randint(0, 50, (1, 5))
     cache = KVCache.for_model(model, 1, 256)
     worst = 0.0
@@ -53,8 +64,9 @@ def test_kv_cache_matches_full_forward(bias):
     assert worst < 1e-5
 
 
-def test_cached_path_follows_weights_changed_in_place():
-    model = tiny(block_size=32)
+@pytest.mark.parametrize("variant", ARCHS)
+def test_cached_path_follows_weights_changed_in_place(variant):
+    model = tiny(block_size=32, variant=variant)
     seq = torch.randint(0, 50, (1, 9))
     with torch.inference_mode():
         model.forward_cached(seq, KVCache.for_model(model, 1, 32))
@@ -66,8 +78,9 @@ def test_cached_path_follows_weights_changed_in_place():
         assert torch.allclose(cached, model(seq)[:, -1, :], atol=1e-5)
 
 
-def test_samples_share_the_prefill_and_match_their_own_full_forward():
-    model = tiny(block_size=64)
+@pytest.mark.parametrize("variant", ARCHS)
+def test_samples_share_the_prefill_and_match_their_own_full_forward(variant):
+    model = tiny(block_size=64, variant=variant)
     prompt = torch.randint(0, 50, (1, 7))
     cache = KVCache.for_model(model, 3, 64)
     with torch.inference_mode():
@@ -93,25 +106,27 @@ def greedy_reference(model, prompt, n, slide):
     return out
 
 
+@pytest.mark.parametrize("variant", ARCHS)
 @pytest.mark.parametrize("slide", [1, 5, 8, 16])
-def test_generation_past_the_context_slides_the_window(slide):
-    model = tiny(block_size=16)
+def test_generation_past_the_context_slides_the_window(slide, variant):
+    model = tiny(block_size=16, variant=variant)
     prompt = [3, 1, 4, 1, 5]
     engine = Engine(model, slide=slide)
-    ids = engine.generate(prompt, SampleConfig(max_new_tokens=60, temperature=0))[0]
-    assert len(ids) == 60
+    ids = engine.generate(prompt, SampleConfig(max_new_tokens=200, temperature=0))[0]
+    assert len(ids) == 200  # 12 contexts' worth: rotary positions restart with every recomputed window
     with torch.inference_mode():
-        assert ids == greedy_reference(model, prompt, 60, slide)
+        assert ids == greedy_reference(model, prompt, 200, slide)
 
 
-def test_slide_1_is_nanogpt_sampling_exactly():
-    model = tiny(block_size=16)
+@pytest.mark.parametrize("variant", ARCHS)
+def test_slide_1_is_nanogpt_sampling_exactly(variant):
+    model = tiny(block_size=16, variant=variant)
     idx = torch.randint(0, 50, (2, 3))
-    ours = generate(model, idx, 40, temperature=0.9, top_k=20, seed=5, slide=1)
+    ours = generate(model, idx, 200, temperature=0.9, top_k=20, seed=5, slide=1)
     g = torch.Generator().manual_seed(5)
     ref = idx
     with torch.inference_mode():
-        for _ in range(40):  # nanoGPT's loop: crop, recompute, sample
+        for _ in range(200):  # nanoGPT's loop: crop, recompute, sample
             logits = model(ref[:, -16:])[:, -1, :]
             ref = torch.cat([ref, sample_next(logits, g, 0.9, 20)], dim=1)
     assert torch.equal(ours, ref)

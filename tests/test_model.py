@@ -1,27 +1,93 @@
-"""The GPT: shapes, Hugging Face names, causality, weight tying, and that it can learn."""
+"""The models (GPT-2's block and the Llama block): shapes, Hugging Face names, causality, weight tying, learning."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch.nn import functional as F
 
-from gptlab.config import ModelConfig
-from gptlab.model import GPT
+from gptlab.checkpoint import state_dict_for_saving
+from gptlab.config import ModelConfig, TrainConfig
+from gptlab.model import GPT, Llama, build_model
+from gptlab.optim import make_optimizer
+
+LLAMA = dict(arch="llama", n_head=4, n_kv_head=2)
+ARCHS = pytest.mark.parametrize("arch", [{}, LLAMA], ids=["gpt2", "llama"])
 
 
 def tiny(**kw):
     cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.0)
     cfg.update(kw)
     torch.manual_seed(0)
-    return GPT(ModelConfig(**cfg))
+    return build_model(ModelConfig(**cfg))
 
 
-def test_forward_returns_logits_for_every_position():
-    model = tiny()
+@ARCHS
+def test_forward_returns_logits_for_every_position(arch):
+    model = tiny(**arch)
     idx = torch.randint(0, 50, (3, 11))
     assert model(idx).shape == (3, 11, 50)
+
+
+def test_build_model_picks_the_block_and_each_class_refuses_the_other():
+    assert type(tiny()) is GPT and type(tiny(**LLAMA)) is Llama
+    with pytest.raises(ValueError, match="build_model"):
+        GPT(ModelConfig(vocab_size=50, **LLAMA))
+    with pytest.raises(ValueError, match="build_model"):
+        Llama(ModelConfig(vocab_size=50))
+
+
+@pytest.mark.parametrize("kw", [{}, dict(bias=True), dict(mlp_hidden=48), LLAMA,
+                                dict(arch="llama", n_kv_head=1, qk_norm=True, tie_embeddings=False, mlp_hidden=40)])
+def test_config_states_every_saved_tensor_and_the_count(kw):
+    model = tiny(**kw)
+    assert model.config.param_shapes() == {k: tuple(v.shape) for k, v in state_dict_for_saving(model).items()}
+    assert model.config.num_params() == model.num_params()
+
+
+def test_llama_parameter_names_are_hugging_face_llamas():
+    model = tiny(arch="llama", n_head=4, n_kv_head=1, tie_embeddings=False)
+    names = set(model.state_dict())
+    for name in ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+                 "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                 "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+                 "model.layers.1.post_attention_layernorm.weight", "model.layers.1.mlp.gate_proj.weight",
+                 "model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight",
+                 "lm_head.weight"]:
+        assert name in names
+    assert not any(n.endswith(".bias") for n in names)
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (8, 32)  # one key head of 8 for four query heads
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert "lm_head.weight" in state_dict_for_saving(model)
+    tied = tiny(**LLAMA)
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    assert "lm_head.weight" not in state_dict_for_saving(tied)
+
+
+def test_rotary_attention_depends_on_relative_positions_only():
+    """One token attending to another scores the same wherever the pair sits: rotate both by the same offset."""
+    from gptlab.model import apply_rope, rope_tables
+
+    cos, sin = rope_tables(8, 40, 10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+    def score(i, j):
+        return (apply_rope(q.view(1, 8), cos[i:i + 1], sin[i:i + 1]) * apply_rope(k.view(1, 8), cos[j:j + 1], sin[j:j + 1])).sum()
+    assert torch.allclose(score(5, 2), score(35, 32), atol=1e-5)
+    assert not torch.allclose(score(5, 2), score(5, 4), atol=1e-3)
+
+
+def test_llama_and_gpt2_configs_refuse_what_their_block_cannot_do():
+    from gptlab.errors import GptlabError
+
+    for kw, flag in [(dict(n_kv_head=2), "--n-kv-head"), (dict(qk_norm=True), "--qk-norm"),
+                     (dict(tie_embeddings=False), "--no-tie-embeddings"),
+                     (dict(arch="llama", n_head=4, n_kv_head=3), "does not divide"),
+                     (dict(arch="llama", bias=True), "no biases"), (dict(arch="llama", n_head=2, n_embd=6), "even head size"),
+                     (dict(arch="bert"), "--arch"), (dict(rope_theta=0.5), "--rope-theta"), (dict(norm_eps=0.0), "--norm-eps")]:
+        with pytest.raises(GptlabError, match=flag):
+            ModelConfig(**{"n_head": 4, **kw})
 
 
 def test_parameter_names_match_hugging_face_gpt2():
@@ -42,8 +108,9 @@ def test_output_head_is_tied_to_token_embedding():
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
 
 
-def test_attention_is_causal():
-    model = tiny().eval()
+@ARCHS
+def test_attention_is_causal(arch):
+    model = tiny(**arch).eval()
     idx = torch.randint(0, 50, (1, 12))
     changed = idx.clone()
     changed[0, 8:] = (changed[0, 8:] + 1) % 50
@@ -52,15 +119,17 @@ def test_attention_is_causal():
     assert not torch.allclose(a[0, 8:], b[0, 8:])
 
 
-def test_initial_loss_is_close_to_uniform():
-    model = tiny(vocab_size=65, n_embd=64)
+@ARCHS
+def test_initial_loss_is_close_to_uniform(arch):
+    model = tiny(vocab_size=65, n_embd=64, **arch)
     idx, targets = torch.randint(0, 65, (8, 16)), torch.randint(0, 65, (8, 16))
     loss = F.cross_entropy(model(idx).view(-1, 65), targets.view(-1))
     assert abs(loss.item() - math.log(65)) < 0.15
 
 
-def test_overfits_one_batch():
-    model = tiny()
+@ARCHS
+def test_overfits_one_batch(arch):
+    model = tiny(**arch)
     idx = torch.randint(0, 50, (4, 16))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(150):
@@ -72,13 +141,29 @@ def test_overfits_one_batch():
     assert loss.item() < 0.1
 
 
-def test_dropout_only_in_training_mode():
-    model = tiny(dropout=0.5)
+@ARCHS
+def test_dropout_only_in_training_mode(arch):
+    model = tiny(dropout=0.5, **arch)
     idx = torch.randint(0, 50, (2, 10))
     model.eval()
     assert torch.equal(model(idx), model(idx))
     model.train()
     assert not torch.equal(model(idx), model(idx))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_both_optimizers_train_the_llama_block(optimizer):
+    model = tiny(**LLAMA)
+    opt = make_optimizer(model, TrainConfig(optimizer=optimizer, learning_rate=3e-3, muon_lr=0.02), torch.device("cpu"))
+    idx = torch.randint(0, 50, (4, 16))
+    losses = []
+    for _ in range(30):
+        loss = F.cross_entropy(model(idx[:, :-1]).reshape(-1, 50), idx[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
 
 
 def test_weight_decay_groups_split_matrices_from_vectors():
