@@ -194,3 +194,29 @@ def test_q8_0_writes_f16_where_rows_do_not_split_into_its_blocks(small_corpus, t
     assert types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of 192
     assert types["blk.0.attn_norm.weight"] == types["position_embd.weight"] == "F32"
     assert llama(out).create_completion("ROMEO:", max_tokens=5, temperature=0.0)["choices"][0]["text"]
+
+
+def test_an_mlp_width_and_norm_eps_of_its_own_reach_llama_cpp(small_corpus, tmp_path_factory, tmp_path, one_thread):
+    import gguf
+
+    from gptlab.train import train
+
+    run = tmp_path / "run-wide"
+    model_cfg, cfg = resolve_config(overrides=dict(
+        **{**TINY_MODEL, "block_size": BLOCK}, mlp_hidden=96, norm_eps=1e-3, bias=False,
+        data=str(prepared(tmp_path_factory, small_corpus, "bpe:300")), out=str(run), batch_size=8, max_iters=30,
+        eval_interval=30, eval_iters=1, num_samples=1, sample_tokens=5, warmup_iters=5, learning_rate=3e-3,
+    ))
+    train(model_cfg, cfg, quiet=True)
+    out = export(run, tmp_path / "wide.gguf", fmt="gguf")
+    fields = gguf.GGUFReader(out).fields
+    assert fields["gpt2.feed_forward_length"].contents() == 96
+    assert fields["gpt2.attention.layer_norm_epsilon"].contents() == pytest.approx(1e-3)
+    llm = llama(out, logits_all=True, type_k=0, type_v=0)
+    tm = load(run, device="cpu")
+    ids = tm.tokenizer.encode(PROMPT)
+    llm.eval(ids)
+    with torch.no_grad():
+        ours = tm.model(torch.tensor([ids]))[0].numpy()
+    # 7e-6 here; the file with LayerNorm's usual 1e-5 instead misses by 3.5e-3
+    assert np.abs(llm.scores[:len(ids)] - ours).max() <= 1e-4

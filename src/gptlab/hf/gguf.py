@@ -3,10 +3,18 @@
     gptlab export runs/shakespeare --format gguf --out exports/shakespeare.gguf [--outtype q8_0]
 
 Design choices:
-- The file is llama.cpp's `gpt2` architecture, written with the `gguf` package llama.cpp maintains;
-  the weights are those of the HF export (zero biases filled, vocabulary cut) under llama.cpp's
-  tensor names, each linear weight (out, in) as nn.Linear holds it.
-- The output head is written as its own tensor (`output.weight`), as llama.cpp's converter does.
+- A gpt2 run is llama.cpp's `gpt2` architecture, a llama run its `llama` architecture, and a llama
+  run with QK-norm its `qwen3` one (Qwen3's block is Llama's plus a per-head RMSNorm of queries and
+  keys before the rotation, as ours). The file is written with the `gguf` package llama.cpp maintains.
+- One table per architecture maps our tensor names to llama.cpp's (`GGUF_NAMES`); each linear
+  weight is (out, in) as nn.Linear holds it. A gpt2 run's weights are those of the HF export
+  (zero biases filled: llama.cpp's gpt2 needs them), a llama run's are ours as they are.
+- Rotary positions: we rotate each head's two halves together (HF's rotate_half); llama.cpp's
+  `llama` rotates adjacent pairs, so the rows of q_proj and k_proj are reordered per head, as
+  llama.cpp's converter reorders HF Llama checkpoints. Its `qwen3` rotates halves, as we do: no
+  reordering there.
+- The output head is written as its own tensor (`output.weight`) even when tied, so every file
+  has the same tensors; the vocabulary is cut to the tokenizer's.
 - The tokenizer is GPT-2's byte-level BPE (`tokenizer.ggml.model = "gpt2"`, pre-tokenizer "gpt-2"):
   the gpt2 and bpe:N kinds. char and byte are refused: llama.cpp's BPE vocabulary falls back to
   token 11 as its end-of-text when a file names none, so a vocabulary without one would stop
@@ -25,14 +33,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gptlab.config import SAMPLES_SETTINGS
+from gptlab.config import SAMPLES_SETTINGS, ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.fsutil import atomic_write_text, cause, fsync_dir
-from gptlab.hf.gpt2 import CONV1D, LAYER_NORM_EPS, hf_state_dict
+from gptlab.hf.gpt2 import CONV1D, hf_state_dict
 from gptlab.tokenizer import ENDOFTEXT, Tokenizer, merge_lines
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
 
     from gptlab.hf.source import ExportSource
 
@@ -41,32 +50,82 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_TOKENIZERS = ("gpt2", "bpe")
 MODELFILE_MARK = "# Ollama Modelfile written by gptlab export"
 
-# Our (HF GPT-2) tensor names, per block and for the whole model, and llama.cpp's gpt2 names.
-BLOCK_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-               "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
-TOP_NAMES = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
-             "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias"}
+# Per architecture (ModelConfig.arch), our module names ({n}: the block) and llama.cpp's; the
+# .weight or .bias after them is kept.
+GGUF_NAMES = {
+    "gpt2": {
+        "transformer.wte": "token_embd", "transformer.wpe": "position_embd",
+        "transformer.h.{n}.ln_1": "blk.{n}.attn_norm", "transformer.h.{n}.attn.c_attn": "blk.{n}.attn_qkv",
+        "transformer.h.{n}.attn.c_proj": "blk.{n}.attn_output", "transformer.h.{n}.ln_2": "blk.{n}.ffn_norm",
+        "transformer.h.{n}.mlp.c_fc": "blk.{n}.ffn_up", "transformer.h.{n}.mlp.c_proj": "blk.{n}.ffn_down",
+        "transformer.ln_f": "output_norm",
+    },
+    "llama": {
+        "model.embed_tokens": "token_embd",
+        "model.layers.{n}.input_layernorm": "blk.{n}.attn_norm",
+        "model.layers.{n}.self_attn.q_proj": "blk.{n}.attn_q", "model.layers.{n}.self_attn.k_proj": "blk.{n}.attn_k",
+        "model.layers.{n}.self_attn.v_proj": "blk.{n}.attn_v", "model.layers.{n}.self_attn.o_proj": "blk.{n}.attn_output",
+        "model.layers.{n}.self_attn.q_norm": "blk.{n}.attn_q_norm", "model.layers.{n}.self_attn.k_norm": "blk.{n}.attn_k_norm",
+        "model.layers.{n}.post_attention_layernorm": "blk.{n}.ffn_norm",
+        "model.layers.{n}.mlp.gate_proj": "blk.{n}.ffn_gate", "model.layers.{n}.mlp.up_proj": "blk.{n}.ffn_up",
+        "model.layers.{n}.mlp.down_proj": "blk.{n}.ffn_down",
+        "model.norm": "output_norm", "lm_head": "output",
+    },
+}
+
+# Llama weights whose rows are reordered for llama.cpp's `llama` rotation (see rope_pairs_adjacent).
+ROTATED = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
 
 
-def gguf_name(name: str) -> str:
-    """llama.cpp's name for one of our tensors, e.g. transformer.h.0.mlp.c_fc.weight -> blk.0.ffn_up.weight."""
-    if name in TOP_NAMES:
-        return TOP_NAMES[name]
-    _, _, layer, rest = name.split(".", 3)  # transformer.h.N.<module>.<weight|bias>
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{BLOCK_NAMES[module]}.{kind}"
+def gguf_architecture(cfg: ModelConfig) -> str:
+    """llama.cpp's architecture for a run: gpt2, llama, or qwen3 (a llama block with QK-norm)."""
+    if cfg.arch == "gpt2":
+        return "gpt2"
+    return "qwen3" if cfg.qk_norm else "llama"
+
+
+def gguf_name(name: str, arch: str) -> str:
+    """llama.cpp's name for one of our tensors, e.g. model.layers.0.mlp.up_proj.weight -> blk.0.ffn_up.weight."""
+    module, kind = name.rsplit(".", 1)
+    parts = module.split(".")
+    layer = next((p for p in parts if p.isdigit()), None)
+    key = ".".join("{n}" if p == layer else p for p in parts)
+    return f"{GGUF_NAMES[arch][key].format(n=layer)}.{kind}"
+
+
+def rope_pairs_adjacent(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """q_proj or k_proj (n_heads * hs, C) with each head's rows i and i + hs/2 (the pair HF's rotate_half
+    turns together) moved to rows 2i and 2i + 1 (the pair llama.cpp's `llama` rope turns)."""
+    rows, C = weight.shape
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, C).transpose(1, 2).reshape(rows, C)
+
+
+def _our_tensors(src: ExportSource) -> dict[str, torch.Tensor]:
+    """The model's tensors, float32, linear weights (out, in), the vocabulary cut to the tokenizer's."""
+    from gptlab.checkpoint import state_dict_for_saving
+
+    vocab = src.tokenizer.vocab_size
+    if src.model_cfg.arch == "gpt2":  # HF's Conv1D holds (in, out); GGUF wants nn.Linear's (out, in)
+        return {name: tensor.t() if name.endswith(CONV1D) else tensor
+                for name, tensor in hf_state_dict(src.model, vocab).items() if name != "lm_head.weight"}
+    out = {}
+    for name, tensor in state_dict_for_saving(src.model).items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensor = tensor[:vocab]
+        out[name] = tensor.float()
+    return out
 
 
 def gguf_tensors(src: ExportSource) -> dict[str, np.ndarray]:
-    """The model's tensors under llama.cpp's names, float32, linear weights (out, in)."""
+    """The model's tensors under llama.cpp's names, float32, linear weights (out, in), the head written out."""
+    cfg = src.model_cfg
+    rotate_pairs = gguf_architecture(cfg) == "llama"
     out = {}
-    for name, tensor in hf_state_dict(src.model, src.tokenizer.vocab_size).items():
-        if name == "lm_head.weight":
-            continue
-        if name.endswith(CONV1D):  # HF's Conv1D holds (in, out); GGUF wants nn.Linear's (out, in)
-            tensor = tensor.t()
-        out[gguf_name(name)] = tensor.contiguous().numpy()
-    out["output.weight"] = out["token_embd.weight"]  # tied
+    for name, tensor in _our_tensors(src).items():
+        if rotate_pairs and name.endswith(ROTATED):
+            tensor = rope_pairs_adjacent(tensor, cfg.n_head if "q_proj" in name else cfg.kv_heads)
+        out[gguf_name(name, cfg.arch)] = tensor.contiguous().numpy()
+    out.setdefault("output.weight", out["token_embd.weight"])  # tied
     return out
 
 
@@ -133,10 +192,17 @@ def _fill(writer: Any, src: ExportSource, outtype: str) -> None:
     writer.add_name(src.name)
     writer.add_context_length(cfg.block_size)
     writer.add_embedding_length(cfg.n_embd)
-    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_feed_forward_length(cfg.hidden)
     writer.add_block_count(cfg.n_layer)
     writer.add_head_count(cfg.n_head)
-    writer.add_layer_norm_eps(LAYER_NORM_EPS)
+    writer.add_vocab_size(src.tokenizer.vocab_size)
+    if cfg.arch == "gpt2":
+        writer.add_layer_norm_eps(cfg.norm_eps)
+    else:
+        writer.add_head_count_kv(cfg.kv_heads)
+        writer.add_rope_dimension_count(cfg.head_size)
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_file_type(_file_type(outtype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, src.tokenizer)
@@ -194,7 +260,7 @@ def write_gguf(src: ExportSource, out: Path, outtype: str = "f32") -> None:
     check_tokenizer(src.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    writer = gguf.GGUFWriter(tmp, "gpt2")
+    writer = gguf.GGUFWriter(tmp, gguf_architecture(src.model_cfg))
     try:
         _fill(writer, src, outtype)
         writer.write_header_to_file()
