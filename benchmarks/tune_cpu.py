@@ -1,13 +1,15 @@
 """Time-to-quality on tiny Shakespeare (char level): train candidate settings for a wall-clock budget, side by side.
 
     python benchmarks/tune_cpu.py --budget 43s --candidates recipe fast-a fast-b
-    python benchmarks/tune_cpu.py --budget 5m --candidates recipe small-a small-b
+    python benchmarks/tune_cpu.py --budget 5m --candidates cpu-small llama-small --repeats 2
 
 Each candidate is `gptlab train shakespeare --tokenizer char --time BUDGET` plus its own flags, run
 one after another (never two at once: they would share the cores and both be slowed). The table
 shows, per candidate: optimizer steps made, ms per step, the val loss at the end of the budget and
 the first elapsed second at which an evaluation reached --threshold (nanoGPT's CPU recipe reaches
-1.886 in 86 s here). Results go to stdout; record the search in benchmarks/README.md.
+1.886 in 86 s here). With --repeats N the candidates take turns N times (A B A B ...), so a drift in
+the machine's speed touches each alike, and the summary gives each one's mean. Results go to
+stdout; record the search in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ CANDIDATES: dict[str, list[str]] = {
     "muon-s2": f"{_MUON} --muon-lr 0.015 --n-layer 4 --n-head 4 --n-embd 192 --block-size 128 --batch-size 12".split(),
     "muon-s3": f"{_MUON} --muon-lr 0.015 --n-layer 3 --n-head 4 --n-embd 128 --block-size 64 --batch-size 16".split(),
     "muon-s4": f"{_MUON} --muon-lr 0.015 --n-layer 6 --n-head 6 --n-embd 192 --block-size 128 --batch-size 12".split(),
+    # The Llama block (rotary positions, RMSNorm, SwiGLU) at the presets' shapes and around them
+    "llama-quick": "--preset cpu-quick --arch llama".split(),
+    "llama-small": "--preset cpu-small --arch llama".split(),
 }
 
 
@@ -81,16 +86,23 @@ def main() -> int:
     parser.add_argument("--candidates", nargs="+", default=["recipe"], choices=list(CANDIDATES))
     parser.add_argument("--threshold", type=float, default=1.886, help="val loss whose first arrival is timed")
     parser.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations (default: 100)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all candidates, taking turns (default: 1)")
     args = parser.parse_args()
-    results = []
+    results: dict[str, list[dict]] = {name: [] for name in args.candidates}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.candidates:
-            result = run_candidate(name, CANDIDATES[name], args.budget, Path(tmp) / name, args.eval_interval)
-            results.append(result)
-            print(f"{name:<10} {result['steps']:>6} steps  {result['ms_per_step']:7.1f} ms/step  "
-                  f"val {result['val']:.4f}  val<={args.threshold} at {first_reaching(result['rows'], args.threshold)}",
-                  flush=True)
-    print(f"\nbudget {args.budget}: " + ", ".join(f"{r['name']} {r['val']:.4f}" for r in results))
+        for _ in range(args.repeats):
+            for name in args.candidates:
+                result = run_candidate(name, CANDIDATES[name], args.budget, Path(tmp) / name, args.eval_interval)
+                results[name].append(result)
+                print(f"{name:<12} {result['steps']:>6} steps  {result['ms_per_step']:7.1f} ms/step  "
+                      f"val {result['val']:.4f}  val<={args.threshold} at {first_reaching(result['rows'], args.threshold)}",
+                      flush=True)
+    print(f"\nbudget {args.budget}, {args.repeats} round(s):")
+    for name, runs in results.items():
+        vals = [r["val"] for r in runs]
+        steps = sum(r["steps"] for r in runs) / len(runs)
+        print(f"  {name:<12} mean val {sum(vals) / len(vals):.4f}  (runs: {', '.join(f'{v:.4f}' for v in vals)}; "
+              f"{steps:,.0f} steps on average)")
     return 0
 
 

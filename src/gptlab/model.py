@@ -246,17 +246,20 @@ class GPT(LanguageModel):
 # ---- the Llama-style block ----
 
 def rope_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (length, head_size / 2) of each position's rotation angles, float32 (HF's frequencies)."""
+    """Each position's rotation as two (length, head_size) float32 tables for `apply_rope` (HF's frequencies):
+    cos of the angles repeated over both halves of a head, and sin with the first half negated."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size))
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (T, hs/2)
-    return angles.cos(), angles.sin()
+    return torch.cat((angles.cos(), angles.cos()), dim=-1), torch.cat((-angles.sin(), angles.sin()), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each head's first and second half as one pair of coordinates per frequency: x (..., T, hs)."""
-    x1, x2 = x.chunk(2, dim=-1)  # (..., T, hs/2) each
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotate each head's i-th and (i + hs/2)-th coordinates as a pair by its frequency's angle: x (..., T, hs).
+
+    HF's `x * cos + rotate_half(x) * sin` in three ops: rolling a head by half its width swaps the halves,
+    and the sign rotate_half puts on the first half sits in the table.
+    """
+    return torch.addcmul(x * cos.to(x.dtype), x.roll(x.size(-1) // 2, dims=-1), sin.to(x.dtype))
 
 
 class LlamaAttention(nn.Module):
