@@ -96,6 +96,24 @@ def test_imported_logits_equal_transformers(hf_gpt2, gpt2_data, one_thread):
         assert (ours(ids) - hf_logits(hf, ids)).abs().max().item() <= 1e-4
 
 
+def test_a_wider_mlp_and_another_layer_norm_eps_import_and_export_back(tmp_path, gpt2_data, one_thread):
+    folder = tmp_path / "hf"
+    hf = make_hf_gpt2(folder, seed=4, n_inner=48, layer_norm_epsilon=1e-6)
+    model_cfg, weights, _ = load_init(folder, ModelConfig(), load_tokenizer(gpt2_data))
+    assert (model_cfg.hidden, model_cfg.norm_eps) == (48, 1e-6)
+    ours = GPT(model_cfg).eval()
+    ours.load_state_dict(weights)
+    ids = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (ours(ids) - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+
+    from gptlab.hf.gpt2 import hf_config
+
+    config = hf_config(model_cfg, 50257, 50256)
+    assert (config["n_inner"], config["layer_norm_epsilon"]) == (48, 1e-6)
+    assert (hf_config(ModelConfig(n_embd=32), 10, None)["n_inner"]) == 128
+
+
 def test_init_from_through_the_cli_then_export_round_trips(hf_gpt2, gpt2_data, tmp_path, capsys, one_thread):
     folder, hf = hf_gpt2
     run = tmp_path / "run"
@@ -203,16 +221,16 @@ def test_a_pickle_that_runs_code_is_refused_and_never_runs(tmp_path, hf_gpt2, gp
 
 def test_bad_init_from_inputs_are_one_line_errors(tmp_path, hf_gpt2, gpt2_data, char_data, capsys):
     folder, _ = hf_gpt2
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
     no_tokenizer = tmp_path / "bare"
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(folder / name, no_tokenizer / name)
     cases = [
-        (gpt2_data, tmp_path / "nosuch", "folder not found; give a Hugging Face GPT-2 folder"),
-        (gpt2_data, llama, "describes a llama model, not GPT-2"),
+        (gpt2_data, tmp_path / "nosuch", "folder not found; give a Hugging Face GPT-2 or Llama folder"),
+        (gpt2_data, bert, "describes a bert model; --init-from takes Hugging Face models of type gpt2 or llama"),
         (gpt2_data, no_tokenizer, "has no tokenizer (vocab.json + merges.txt, or tokenizer.json)"),
         (char_data, folder, "uses the char tokenizer ("),
     ]

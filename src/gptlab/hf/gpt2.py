@@ -33,7 +33,7 @@ HF_ACTIVATION = {"none": "gelu", "tanh": "gelu_pytorch_tanh"}
 GELU_FORMS = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh",
               "gelu_fast": "tanh", "gelu_python_tanh": "tanh"}
 
-LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which model.py uses
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, and ModelConfig.norm_eps's
 
 DEFAULT_MAX_LENGTH = 256
 
@@ -49,13 +49,13 @@ def hf_config(model_cfg: ModelConfig, vocab_size: int, eot_id: int | None) -> di
         "n_embd": model_cfg.n_embd,
         "n_layer": model_cfg.n_layer,
         "n_head": model_cfg.n_head,
-        "n_inner": None,  # 4 * n_embd, as ours
+        "n_inner": model_cfg.hidden,
         "activation_function": HF_ACTIVATION[model_cfg.gelu_approximate],
         # Dropout is a training choice; an exported model is for inference (set them to fine-tune).
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
-        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "layer_norm_epsilon": model_cfg.norm_eps,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
@@ -110,10 +110,13 @@ def model_config_from_hf(config: dict[str, Any], folder: Path, dropout: float = 
     if act not in GELU_FORMS:
         raise GptlabError(f"{where}: activation_function {act!r} is not a GELU this model has; use a GPT-2 with gelu or gelu_new")
     n_embd = config.get("n_embd", 768)
+    n_inner = config.get("n_inner") or 4 * n_embd  # None means 4 x n_embd
+    eps = config.get("layer_norm_epsilon", LAYER_NORM_EPS)
+    if not isinstance(n_inner, int) or isinstance(n_inner, bool) or n_inner < 1:
+        raise GptlabError(f"{where}: n_inner is {n_inner!r}, not a positive whole number; the file is damaged, download it again")
+    if not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise GptlabError(f"{where}: layer_norm_epsilon is {eps!r}, not a small positive number; the file is damaged, download it again")
     checks = [
-        (config.get("n_inner") in (None, 4 * n_embd), f"n_inner {config.get('n_inner')} is not 4 x n_embd"),
-        (abs(float(config.get("layer_norm_epsilon", LAYER_NORM_EPS)) - LAYER_NORM_EPS) < 1e-12,
-         f"layer_norm_epsilon {config.get('layer_norm_epsilon')} is not 1e-5"),
         (config.get("scale_attn_weights", True), "scale_attn_weights is off"),
         (not config.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx is on"),
         (not config.get("add_cross_attention", False), "it has cross-attention"),
@@ -125,6 +128,7 @@ def model_config_from_hf(config: dict[str, Any], folder: Path, dropout: float = 
         n_layer=config.get("n_layer", 12), n_head=config.get("n_head", 12), n_embd=n_embd,
         block_size=config.get("n_positions", 1024), vocab_size=config.get("vocab_size", 50257),
         dropout=dropout, bias=True, gelu_approximate=GELU_FORMS[act],
+        mlp_hidden=n_inner if n_inner != 4 * n_embd else 0, norm_eps=float(eps),
     )
 
 def state_dict_from_hf(tensors: dict[str, torch.Tensor], model_cfg: ModelConfig, config: dict[str, Any],

@@ -1,7 +1,11 @@
-"""Where `--init-from` starts training: the shape, weights and tokenizer of a GPT-2 folder or a gptlab run.
+"""Where `--init-from` starts training: the shape, weights and tokenizer of a Hugging Face folder or a gptlab run.
 
 The caller (the command line) resolves `--init-from` with `load_init` and hands the result to
 `train.train`, so training never reads foreign folders itself.
+
+- A Hugging Face folder is read by the mapping its config.json's `model_type` names (`MAPPINGS`:
+  gpt2.py, llama.py); any other type is refused in one line listing those taken.
+- The weights returned load with `model.load_state_dict` strictly: a tied head is named too.
 """
 
 from __future__ import annotations
@@ -16,14 +20,18 @@ from gptlab import checkpoint as ckpt
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.fsutil import read_json_object
-from gptlab.hf.gpt2 import _check_shapes, _tie, model_config_from_hf, state_dict_from_hf
+from gptlab.hf import gpt2, llama
+from gptlab.hf.gpt2 import _check_shapes
 from gptlab.hf.tokenizers import check_same_tokenizer, hf_tokenizer
 from gptlab.rundir import CONFIG, read_run_config, weights_path
 from gptlab.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
-HINT = "give a Hugging Face GPT-2 folder (config.json + model.safetensors) or a gptlab run folder"
+HINT = "give a Hugging Face GPT-2 or Llama folder (config.json + model.safetensors) or a gptlab run folder"
+
+# config.json's model_type -> the module that maps it (model_config_from_hf, state_dict_from_hf).
+MAPPINGS = {"gpt2": gpt2, "llama": llama}
 
 def load_init(source: str | Path, model_cfg: ModelConfig, data_tokenizer: Tokenizer | None = None,
               data_dir: str | Path = "") -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
@@ -50,21 +58,28 @@ def read_run(run_dir: Path, dropout: float = 0.0) -> tuple[ModelConfig, dict[str
     tensors, _ = ckpt.read_weights(path)
     tensors = {k: v.float() for k, v in tensors.items()}
     _check_shapes(tensors, model_cfg, path, "its config.json")
-    return model_cfg, _tie(tensors), load_tokenizer(run_dir)
+    head = llama.with_head(tensors, model_cfg) if model_cfg.arch == "llama" else gpt2._tie(tensors)
+    return model_cfg, head, load_tokenizer(run_dir)
 
 def read_hf_folder(folder: Path, config: dict[str, Any] | None = None,
                    dropout: float = 0.0) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """Config, weights and tokenizer of a Hugging Face GPT-2 folder, in gptlab's terms."""
+    """Config, weights and tokenizer of a Hugging Face GPT-2 or Llama folder, in gptlab's terms."""
     if config is None:
         config = read_json_object(folder / CONFIG, f"--init-from {folder}: no config.json there; {HINT}", "download or export it again")
-    model_cfg = model_config_from_hf(config, folder, dropout)
+    model_type = config.get("model_type")
+    mapping = MAPPINGS.get(model_type) if isinstance(model_type, str) else None
+    if mapping is None:
+        what = f"describes a {model_type} model" if isinstance(model_type, str) and model_type else "names no model_type"
+        raise GptlabError(f"{folder / CONFIG} {what}; --init-from takes Hugging Face models of type "
+                          f"{' or '.join(MAPPINGS)}, or gptlab runs")
+    model_cfg = mapping.model_config_from_hf(config, folder, dropout)
     tokenizer = hf_tokenizer(folder)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise GptlabError(
             f"{folder}: the tokenizer has {tokenizer.vocab_size:,} tokens but config.json's vocab_size is "
             f"{model_cfg.vocab_size:,}; the tokenizer files belong to another model"
         )
-    weights = state_dict_from_hf(read_hf_weights(folder), model_cfg, config, folder)
+    weights = mapping.state_dict_from_hf(read_hf_weights(folder), model_cfg, config, folder)
     return model_cfg, weights, tokenizer
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
