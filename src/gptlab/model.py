@@ -259,7 +259,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     HF's `x * cos + rotate_half(x) * sin` in three ops: rolling a head by half its width swaps the halves,
     and the sign rotate_half puts on the first half sits in the table.
     """
-    return torch.addcmul(x * cos.to(x.dtype), x.roll(x.size(-1) // 2, dims=-1), sin.to(x.dtype))
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
 class LlamaAttention(nn.Module):
@@ -387,14 +389,12 @@ class Llama(LanguageModel):
         cos, sin = (d.cos_rows[start], d.sin_rows[start]) if one else (d.cos[start : start + T], d.sin[start : start + T])
         visible = cache.visible(start) if one else None
         x = torch.embedding(d.wte, idx).view(B * T, C)  # rows are (B*T, C) throughout: one matmul per linear
-        for layer, (ln_1, qkv, q_norm, k_norm, proj, ln_2, gate_up, down) in enumerate(d.layers):
-            h = _linear(F.rms_norm(x, (C,), ln_1, eps), *qkv).view(B, T, nh + 2 * nkv, hs)
-            q, k, v = h.split((nh, nkv, nkv), dim=2)  # (B, T, heads, hs)
-            if q_norm is not None:
-                q, k = F.rms_norm(q, (hs,), q_norm, eps), F.rms_norm(k, (hs,), k_norm, eps)
-            q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hs)
-            k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
-            v = v.transpose(1, 2)
+        for layer, (ln_1, qkv, qk_norm, proj, ln_2, gate_up, down) in enumerate(d.layers):
+            h = _linear(F.rms_norm(x, (C,), ln_1, eps), *qkv).view(B, T, nh + 2 * nkv, hs).transpose(1, 2)
+            qk, v = h.split((nh + nkv, nkv), dim=1)  # (B, heads, T, hs): queries and keys are rotated together
+            if qk_norm is not None:
+                qk = F.rms_norm(qk, (hs,), None, eps) * qk_norm
+            q, k = apply_rope(qk, cos, sin).split((nh, nkv), dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
             if one:  # the whole preallocated cache under a mask of the filled positions (see GPT._decode_one)
                 k, v = cache.write(layer, start, k, v)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=nkv != nh)
@@ -531,8 +531,11 @@ class _LlamaDecodeTensors(_Refreshable):
             a = b.self_attn
             qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
             gate_up = torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]).detach()
-            norms = (a.q_norm.weight, a.k_norm.weight) if a.qk_norm else (None, None)
-            self.layers.append((b.input_layernorm.weight, _decode_linear(None, on_cpu, qkv), *norms,
+            qk_norm = None  # each query head's gain, then each key head's: (nh + nkv, 1, hs)
+            if a.qk_norm:
+                qk_norm = torch.cat([a.q_norm.weight.expand(a.n_head, -1), a.k_norm.weight.expand(a.n_kv_head, -1)])
+                qk_norm = qk_norm.detach().unsqueeze(1)
+            self.layers.append((b.input_layernorm.weight, _decode_linear(None, on_cpu, qkv), qk_norm,
                                 _decode_linear(a.o_proj, on_cpu), b.post_attention_layernorm.weight,
                                 _decode_linear(None, on_cpu, gate_up), _decode_linear(b.mlp.down_proj, on_cpu)))
         self.norm = m.norm.weight
