@@ -58,7 +58,9 @@ class ModelConfig:
     rope_theta: float = _help("rotary embedding base (llama)", default=10000.0)
     norm_eps: float = _help("epsilon of the LayerNorm (gpt2) or RMSNorm (llama) layers", default=1e-5)
     tie_embeddings: bool = _help("share one matrix between the token embedding and the output head", default=True)
-    qk_norm: bool = _help("RMSNorm on each head's queries and keys (llama; not expressible as a Llama export)", default=False)
+    qk_norm: bool = _help(
+        "RMSNorm on each head's queries and keys (llama; beyond LlamaForCausalLM: GGUF writes it as qwen3)", default=False
+    )
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
