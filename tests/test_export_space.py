@@ -204,3 +204,36 @@ def test_space_export_refuses_a_non_empty_folder_and_needs_gradio(tiny_run, tmp_
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "--format space needs gradio installed here" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space"]
+
+
+def test_a_llama_space_with_qk_norm_runs_on_its_own_gptlab(char_data, tmp_path, one_thread):
+    """The Space runs gptlab, not transformers: a Llama-style run, even one with --qk-norm, serves as it trains."""
+    from gptlab.config import resolve_config
+    from gptlab.generation import load
+    from gptlab.hf.export import export
+    from gptlab.train import train
+
+    from .conftest import TINY_MODEL
+
+    run = tmp_path / "qk"
+    model_cfg, cfg = resolve_config(overrides=dict(
+        **TINY_MODEL, arch="llama", n_kv_head=1, qk_norm=True, data=str(char_data), out=str(run), batch_size=8,
+        max_iters=5, eval_interval=5, eval_iters=1, num_samples=1, sample_tokens=10, warmup_iters=1,
+    ))
+    train(model_cfg, cfg, quiet=True)
+    space = export(run, tmp_path / "qk-space", fmt="space")
+    readme = (space / "README.md").read_text()
+    assert "- llama\n" in readme and "- gpt2" not in readme and "A Llama-style language model" in readme
+    assert "2 query heads sharing 1 key/value head," in readme and "QK-norm" in readme
+
+    ours = load(run, device="cpu").generate("ROMEO:", temperature=0.0, max_new_tokens=20)[0]
+    probe = ("import sys, gptlab; from gptlab.generation import load; "
+             "print(gptlab.__file__); print(load(sys.argv[1], device='cpu').generate('ROMEO:', temperature=0.0, "
+             "max_new_tokens=20)[0], end='')")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(PYTHONPATH=str(space), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", probe, str(space / "models" / "qk")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    where, text = r.stdout.split("\n", 1)
+    assert where == str(space / "gptlab" / "__init__.py") and text == ours

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from gptlab.config import SAMPLES_SETTINGS, TrainConfig
+from gptlab.config import SAMPLES_SETTINGS, ModelConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.hf.gpt2 import DEFAULT_MAX_LENGTH
 from gptlab.hf.source import ExportSource
@@ -46,19 +46,40 @@ def _card_samples(run_dir: Path) -> list[str]:
         text = text.split("\n", 1)[1] if "\n" in text else ""
     return [s.strip("\n") for s in text.split("\n\n=== Next Sequence ===\n\n") if s.strip()]
 
-HF_FRONT_MATTER = ("---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- gptlab",
-                   "- gpt2", "- text-generation", "---")
+# What each arch is called in the card: (the opening's "A ... language model", the Hub tag, transformers' class).
+ARCH_NAMES = {"gpt2": ("GPT-2-style", "gpt2", "GPT2LMHeadModel"), "llama": ("Llama-style", "llama", "LlamaForCausalLM")}
 
-def model_card(src: ExportSource, has_plot: bool, front_matter: Sequence[str] = HF_FRONT_MATTER,
+def arch_tags(arch: str) -> list[str]:
+    """The Hub tags of a card: gptlab, the architecture, text-generation."""
+    return ["tags:", "- gptlab", f"- {ARCH_NAMES[arch][1]}", "- text-generation"]
+
+def hf_front_matter(arch: str) -> list[str]:
+    """The YAML header of an hf export's card."""
+    return ["---", "library_name: transformers", "pipeline_tag: text-generation", *arch_tags(arch), "---"]
+
+def _shape(m: ModelConfig) -> str:
+    heads = f"{m.n_head} heads"
+    if m.arch == "llama" and m.kv_heads != m.n_head:
+        heads = f"{m.n_head} query heads sharing {m.kv_heads} key/value head{'s' if m.kv_heads > 1 else ''}"
+    extra = ""
+    if m.arch == "llama":
+        extra = f", rotary positions (base {m.rope_theta:g}), {'tied' if m.tie_embeddings else 'untied'} output head"
+        extra += ", QK-norm" if m.qk_norm else ""
+    return f"{m.n_layer} layers, {heads}, {m.n_embd} wide, MLP {m.hidden} wide, context {m.block_size} tokens{extra}"
+
+def model_card(src: ExportSource, has_plot: bool, front_matter: Sequence[str] | None = None,
                usage: Sequence[str] | None = None, plot: str = LOSS_PLOT) -> str:
     """README.md: what the model is, what it was trained on and how well, how to use it, samples.
 
-    `front_matter` is the YAML header the Hub reads; `usage` replaces the transformers "Use it" section;
+    `front_matter` is the YAML header the Hub reads (default: the hf export's); `usage` replaces the transformers "Use it" section;
     `plot` is where the loss plot lies, relative to the card.
     """
     name = src.name or src.run_dir.resolve().name
     s = run_summary(src.run_dir)
     m = src.model_cfg
+    style, _, hf_class = ARCH_NAMES[m.arch]
+    if front_matter is None:
+        front_matter = hf_front_matter(m.arch)
     tok = src.tokenizer
     tok_text = tok.describe()
     best = f"{s['best_val_loss']:.4f}" if s["best_val_loss"] is not None else "n/a"
@@ -69,13 +90,13 @@ def model_card(src: ExportSource, has_plot: bool, front_matter: Sequence[str] = 
         "",
         f"# {name}",
         "",
-        f"A GPT-2-style language model {origin} with gptlab on "
+        f"A {style} language model {origin} with gptlab on "
         f"{_data_description(src.train_cfg)}.",
         "",
         "| | |",
         "|---|---|",
         f"| parameters | {s['params']:,} |",
-        f"| shape | {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size} tokens |",
+        f"| shape | {_shape(m)} |",
         f"| tokenizer | {tok_text} |",
         f"| training | {s['steps']:,} steps, {s['tokens_seen']:,} tokens seen, {s['elapsed_sec']:,.0f} s, "
         f"peak learning rate {src.train_cfg.learning_rate:g} |",
@@ -95,7 +116,7 @@ def model_card(src: ExportSource, has_plot: bool, front_matter: Sequence[str] = 
         'print(generate("ROMEO:")[0]["generated_text"])',
         "```",
         "",
-        "It is a plain `GPT2LMHeadModel`. The sampling defaults are in `generation_config.json`: "
+        f"It is a plain `{hf_class}`. The sampling defaults are in `generation_config.json`: "
         f"temperature {SAMPLES_SETTINGS.temperature:g}, top-k {SAMPLES_SETTINGS.top_k}, and `max_length` {min(m.block_size, DEFAULT_MAX_LENGTH)} tokens, prompt "
         "included, so generation never runs past the context the model was trained on.",
         "",

@@ -1,12 +1,13 @@
-"""A run written as a Hugging Face folder: a `transformers` GPT-2 model, or a Space; atomically.
+"""A run written as a Hugging Face folder: a `transformers` GPT-2 or Llama model, or a Space; atomically.
 
     gptlab export runs/shakespeare --format hf --out exports/shakespeare-gpt
     gptlab export runs/shakespeare --format space --out exports/shakespeare-space
     gptlab export runs/shakespeare --format gguf --out exports/shakespeare.gguf
 
 Design choices:
-- An export is a plain `GPT2LMHeadModel` folder (config.json, model.safetensors,
-  generation_config.json, tokenizer files, README.md): `from_pretrained` loads it with no custom code.
+- An export is a plain `GPT2LMHeadModel` or `LlamaForCausalLM` folder, as the run's `arch` says
+  (config.json, model.safetensors, generation_config.json, tokenizer files, README.md):
+  `from_pretrained` loads it with no custom code. `MAPPINGS` holds the module that writes each arch.
 - The folder is written under a temporary name beside the target and renamed into place when
   complete, so a failed export leaves the previous one or nothing.
 - A format is an entry of `FORMATS`: a function that fills an empty folder from an `ExportSource`.
@@ -25,23 +26,29 @@ from pathlib import Path
 from gptlab.errors import GptlabError
 from gptlab.folders import check_replaceable, check_writes_kind, write_export_marker
 from gptlab.fsutil import fsync_tree, write_text
+from gptlab.hf import gpt2, llama
 from gptlab.hf.card import model_card
 from gptlab.hf.gguf import OUTTYPES, check_gguf_target, write_gguf
-from gptlab.hf.gpt2 import hf_config, hf_generation_config, hf_state_dict
+from gptlab.hf.gpt2 import hf_generation_config
 from gptlab.hf.source import ExportSource, load_source
 from gptlab.hf.space import write_space
 from gptlab.hf.tokenizers import write_hf_tokenizer
 from gptlab.rundir import LOSS_PLOT
 
+# The run's arch -> the module that writes it as transformers' model (hf_config, hf_state_dict).
+MAPPINGS = {"gpt2": gpt2, "llama": llama}
 
 def write_hf(src: ExportSource, folder: Path) -> None:
-    """Fill `folder` with a transformers GPT-2 model, its tokenizer and a model card."""
+    """Fill `folder` with a transformers GPT-2 or Llama model, its tokenizer and a model card."""
     from safetensors.torch import save
 
+    if src.model_cfg.arch == "llama":
+        llama.check_exportable(src.model_cfg, src.run_dir)
+    mapping = MAPPINGS[src.model_cfg.arch]
     vocab_size = src.tokenizer.vocab_size
     eot = src.tokenizer.eot_id
-    (folder / "model.safetensors").write_bytes(save(hf_state_dict(src.model, vocab_size), metadata={"format": "pt"}))
-    write_text(folder / "config.json", json.dumps(hf_config(src.model_cfg, vocab_size, eot), indent=1))
+    (folder / "model.safetensors").write_bytes(save(mapping.hf_state_dict(src.model, vocab_size), metadata={"format": "pt"}))
+    write_text(folder / "config.json", json.dumps(mapping.hf_config(src.model_cfg, vocab_size, eot), indent=1))
     write_text(folder / "generation_config.json", json.dumps(hf_generation_config(src.model_cfg, eot), indent=1))
     write_hf_tokenizer(src.tokenizer, folder, src.model_cfg.block_size)
     if (src.run_dir / LOSS_PLOT).is_file():

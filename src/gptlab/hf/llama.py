@@ -11,7 +11,8 @@
 - Both rotary spellings are read: transformers 5's `rope_parameters` and the older `rope_theta` +
   `rope_scaling`; exports write both, so either generation of transformers (and llama.cpp's
   converter) reads the same base.
-- QK-norm (Qwen3's q_norm/k_norm) has no place in a llama config, so such a run is not exported here.
+- QK-norm (Qwen3's q_norm/k_norm) has no place in a llama config, so such a run is refused here (gguf
+  writes it as qwen3; a Space runs gptlab itself).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def check_exportable(model_cfg: ModelConfig, run: Path | str) -> None:
     """A one-line error for a llama run that LlamaForCausalLM cannot express."""
     if model_cfg.qk_norm:
         raise GptlabError(f"{run} has --qk-norm, which LlamaForCausalLM cannot express (it is not Llama-standard); "
-                          "export it with --format space (which runs gptlab itself), or train without --qk-norm")
+                          "export it with --format gguf or space, or train without --qk-norm")
 
 def hf_config(model_cfg: ModelConfig, vocab_size: int, eot_id: int | None) -> dict[str, Any]:
     """config.json for a `LlamaForCausalLM` that computes what our Llama computes."""

@@ -3,6 +3,8 @@
 - The Space holds the run's own files (config, safetensors weights, tokenizer, metrics, plot) and
   a copy of gptlab's source: gptlab is not on PyPI, so the Space cannot install it. Gradio itself
   comes from the README's `sdk_version`, the version installed here, which the page was built with.
+- The model runs on that copy of gptlab, not on transformers, so every run gptlab trains works,
+  a Llama-style one with --qk-norm included (which the hf format cannot express).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from gptlab import rundir
 from gptlab.errors import GptlabError
 from gptlab.fsutil import write_text
-from gptlab.hf.card import model_card
+from gptlab.hf.card import arch_tags, model_card
 from gptlab.hf.source import ExportSource
 
 SPACE_APP = "app.py"
@@ -29,7 +31,7 @@ SPACE_REQUIREMENTS = ("torch", "numpy", "tiktoken", "tokenizers", "safetensors")
 # config.json names folders of the training machine; a public Space keeps only their names.
 LOCAL_PATHS = ("data", "out", "init_from")
 
-APP_TEMPLATE = '''"""{name}: a GPT trained with gptlab, on the page of `gptlab serve`. Hugging Face Spaces runs this file.
+APP_TEMPLATE = '''"""{name}: a language model trained with gptlab, on the page of `gptlab serve`. Hugging Face Spaces runs this file.
 
 On your own machine: pip install -r requirements.txt && python app.py
 """
@@ -93,10 +95,7 @@ def space_card(src: ExportSource, model_name: str, gradio_version: str, has_plot
         f"app_file: {SPACE_APP}",
         "pinned: false",
         "license: mit",
-        "tags:",
-        "- gptlab",
-        "- gpt2",
-        "- text-generation",
+        *arch_tags(src.model_cfg.arch),
         "---",
     ]
     usage = [
