@@ -114,6 +114,17 @@ def test_a_wider_mlp_and_another_layer_norm_eps_import_and_export_back(tmp_path,
     assert (hf_config(ModelConfig(n_embd=32), 10, None)["n_inner"]) == 128
 
 
+def test_a_shorter_context_keeps_the_first_positions(hf_gpt2, gpt2_data, one_thread):
+    folder, hf = hf_gpt2
+    model_cfg, weights, _ = load_init(folder, ModelConfig(), load_tokenizer(gpt2_data), block_size=8)
+    assert model_cfg.block_size == 8 and tuple(weights["transformer.wpe.weight"].shape) == (8, 32)
+    ours = GPT(model_cfg).eval()
+    ours.load_state_dict(weights)
+    ids = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (ours(ids) - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+
+
 def test_init_from_through_the_cli_then_export_round_trips(hf_gpt2, gpt2_data, tmp_path, capsys, one_thread):
     folder, hf = hf_gpt2
     run = tmp_path / "run"

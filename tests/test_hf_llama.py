@@ -119,6 +119,19 @@ def test_a_sharded_untied_gqa_llama_imports_with_transformers_logits(hf_untied, 
         assert (ours(ids) - hf_logits(hf, ids)).abs().max().item() <= 1e-4
 
 
+def test_a_shorter_context_changes_no_logit(hf_untied, bpe_data, one_thread):
+    folder, hf = hf_untied
+    model_cfg, weights, _ = load_init(folder, ModelConfig(), load_tokenizer(bpe_data), block_size=16)
+    assert model_cfg.block_size == 16
+    ours = build_model(model_cfg).eval()
+    ours.load_state_dict(weights)
+    ids = torch.randint(0, model_cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (ours(ids) - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+    with pytest.raises(GptlabError, match=r"--block-size 65 is longer than the 64 positions .* give at most 64"):
+        load_init(folder, ModelConfig(), block_size=65)
+
+
 def test_a_tied_llama_fills_its_head_from_the_embedding(hf_tied, bpe_data, one_thread):
     folder, hf = hf_tied
     model_cfg, weights, _ = load_init(folder, ModelConfig(), load_tokenizer(bpe_data))

@@ -34,8 +34,11 @@ HINT = "give a Hugging Face GPT-2 or Llama folder (config.json + model.safetenso
 MAPPINGS = {"gpt2": gpt2, "llama": llama}
 
 def load_init(source: str | Path, model_cfg: ModelConfig, data_tokenizer: Tokenizer | None = None,
-              data_dir: str | Path = "") -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """The model config, weights (our names, float32) and tokenizer to start training from."""
+              data_dir: str | Path = "", block_size: int = 0) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """The model config, weights (our names, float32) and tokenizer to start training from.
+
+    `block_size` (a --block-size the user gave; 0 = none) trains at a shorter context than the model's.
+    """
     folder = Path(source)
     if not folder.is_dir():
         raise GptlabError(f"--init-from {folder}: folder not found; {HINT}")
@@ -48,7 +51,23 @@ def load_init(source: str | Path, model_cfg: ModelConfig, data_tokenizer: Tokeni
         cfg, weights, tokenizer = read_hf_folder(folder, config, model_cfg.dropout)
     if data_tokenizer is not None:
         check_same_tokenizer(tokenizer, data_tokenizer, folder, data_dir, run_data)
+    if block_size:
+        cfg, weights = shorter_context(cfg, weights, block_size, folder)
     return cfg, weights, tokenizer
+
+def shorter_context(model_cfg: ModelConfig, weights: dict[str, torch.Tensor], block_size: int,
+                    source: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The same model at a context of `block_size` tokens, at most its own.
+
+    A model computes position t from positions 0..t alone, so cutting the context changes no logit: a
+    rotary model (SmolLM2's 8,192 positions) keeps every weight, and GPT-2 keeps its first position rows.
+    """
+    if block_size > model_cfg.block_size:
+        raise GptlabError(f"--block-size {block_size} is longer than the {model_cfg.block_size:,} positions {source} "
+                          f"was trained for; give at most {model_cfg.block_size}, or drop --block-size")
+    if model_cfg.arch == "gpt2":
+        weights = {**weights, "transformer.wpe.weight": weights["transformer.wpe.weight"][:block_size]}
+    return replace(model_cfg, block_size=block_size), weights
 
 def read_run(run_dir: Path, dropout: float = 0.0) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Config, best (else last) weights and tokenizer of a gptlab run folder."""
