@@ -74,8 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Tokenize a file, several files, a folder of .txt files or a named dataset (shakespeare).")
     p.add_argument("inputs", nargs="+", metavar="TEXT", help="text file(s), folder(s) of .txt, or a named dataset")
     from gptlab.tokenizer import kinds_help
-    p.add_argument("--tokenizer", default="char", help=f"{kinds_help()} (default: 'char')")
-    p.add_argument("--out", default=None, help="output folder (default: data/<name>-<tokenizer>)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--tokenizer", default=None, help=f"{kinds_help()} (default: 'char')")
+    which.add_argument("--tokenizer-from", default=None, metavar="DIR",
+                       help="use the tokenizer of DIR: a gptlab run or data folder, or a Hugging Face model folder "
+                            "(tokenizer.json, or vocab.json + merges.txt)")
+    p.add_argument("--out", default=None, help="output folder (default: data/<name>-<tokenizer or DIR's name>)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation, from the end (default: 0.1)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="processes that tokenize; 0 = one per core (up to 8) for big inputs (default: 0)")
@@ -192,8 +196,13 @@ def add_model_commands(sub: Any) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from gptlab.data import prepare
 
-    out = prepare(args.inputs, tokenizer=args.tokenizer, out=args.out, val_fraction=args.val_fraction,
-                  workers=args.workers, keep_crlf=args.keep_crlf)
+    tokenizer = args.tokenizer or "char"
+    if args.tokenizer_from:
+        from gptlab.hf.tokenizers import tokenizer_of
+
+        tokenizer = tokenizer_of(args.tokenizer_from)
+    out = prepare(args.inputs, tokenizer=tokenizer, out=args.out, val_fraction=args.val_fraction,
+                  workers=args.workers, keep_crlf=args.keep_crlf, tokenizer_from=args.tokenizer_from or "")
     print(f"prepared {out}; train with: gptlab train --data {out}")
     return 0
 

@@ -11,7 +11,11 @@ Design choices:
   the tasks, at most two each in flight, and the tokens are appended in order to `train.bin` /
   `val.bin` (uint16 when the vocabulary fits, else uint32): memory stays bounded whatever the size.
 - torch is imported only where batches are made, so the worker processes start without it.
-- Files are separated by the end-of-text token when the tokenizer has one.
+- Files are separated by the end-of-text token when the tokenizer has one. A part of the text that
+  continues a file is encoded as a continuation (`encode_array(continues=True)`), so a tokenizer that
+  marks the start of a text (SentencePiece's "▁") marks each file once, as it would the whole.
+- `prepare` takes a --tokenizer spec to build, or a tokenizer already made (`--tokenizer-from`: the
+  caller reads the folder); meta.json then records the folder it came from.
 - No tokenizer kind is known here by name: a kind's class says what it learns from (nothing, the
   characters or the training text: `TaskCorpus` hands over what it asks for), what prepare shows meanwhile,
   and above what input size worker processes pay off; the workers call its `encode_array`.
@@ -41,7 +45,7 @@ import numpy as np
 from gptlab.errors import GptlabError
 from gptlab.folders import check_writes_kind
 from gptlab.fsutil import atomic_write_bytes, cause, check_writable_folder, file_digest, read_json_object, write_json
-from gptlab.tokenizer import Tokenizer, tokenizer_kind
+from gptlab.tokenizer import Tokenizer, load_tokenizer, tokenizer_kind
 
 if TYPE_CHECKING:
     import torch
@@ -363,7 +367,8 @@ def _tokens_of(task: Task) -> tuple[np.ndarray, int]:
     parts = []
     for piece in task:
         text = read_piece(piece, _worker["keep_crlf"])
-        parts.extend(tokenizer.encode_array(part).astype(dtype) for part in split_text(text))
+        for n, part in enumerate(split_text(text)):
+            parts.append(tokenizer.encode_array(part, continues=n > 0 or piece[1] > 0).astype(dtype))
         if piece[3] and tokenizer.eot_id is not None:
             parts.append(np.array([tokenizer.eot_id], dtype=dtype))
     return np.concatenate(parts), _task_bytes(task)
@@ -481,9 +486,11 @@ class TaskCorpus:
                     self.progress(piece[2] - piece[1])
 
 
-def build_tokenizer(spec: str, train_tasks: list[Task], all_tasks: list[Task], workers: int = 1,
+def build_tokenizer(spec: str | Tokenizer, train_tasks: list[Task], all_tasks: list[Task], workers: int = 1,
                     progress: Any = None, keep_crlf: bool = False) -> Tokenizer:
-    """Make the tokenizer a --tokenizer spec asks for, learning from the text where its kind must."""
+    """Make the tokenizer a --tokenizer spec asks for, learning from the text where its kind must; one made is kept."""
+    if not isinstance(spec, str):
+        return spec
     kind, size = tokenizer_kind(spec)
     return kind.from_corpus(size, TaskCorpus(train_tasks, all_tasks, workers, progress, keep_crlf))
 
@@ -493,21 +500,31 @@ def default_data_dir(name: str, spec: str) -> Path:
     return Path("data") / f"{name}-{spec.replace(':', '')}"
 
 
+def tokenizer_label(tokenizer: str | Tokenizer, tokenizer_from: str | Path = "") -> str:
+    """What names the tokenizer in a default data folder and in messages: the spec, or the folder it came from."""
+    if isinstance(tokenizer, str):
+        return tokenizer
+    return Path(tokenizer_from).resolve().name if tokenizer_from else tokenizer.spec
+
+
 def prepare(
     inputs: list[str],
-    tokenizer: str = "char",
+    tokenizer: str | Tokenizer = "char",
     out: str | Path | None = None,
     val_fraction: float = 0.1,
     log: Any = print,
     workers: int = 0,
     keep_crlf: bool = False,
+    tokenizer_from: str | Path = "",
 ) -> Path:
     """Tokenize text into `out` (train.bin, val.bin, meta.json, tokenizer files); returns `out`.
 
-    `workers` processes tokenize (0: one per core up to 8 for inputs over the kind's `parallel_bytes`,
-    else this one).
+    `tokenizer` is a --tokenizer spec, or a tokenizer already made, e.g. `hf.tokenizers.tokenizer_of(DIR)`
+    with DIR as `tokenizer_from`. `workers` processes tokenize (0: one per core up to 8 for inputs
+    over the kind's `parallel_bytes`, else this one).
     """
-    kind, _ = tokenizer_kind(tokenizer)
+    kind = tokenizer_kind(tokenizer)[0] if isinstance(tokenizer, str) else type(tokenizer)
+    label = tokenizer_label(tokenizer, tokenizer_from)
     if not 0.0 < val_fraction < 1.0:
         raise GptlabError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     if workers < 0:
@@ -515,7 +532,7 @@ def prepare(
     name, files = resolve_inputs(inputs)
     for path in files:
         check_text_file(path)
-    out = Path(out) if out else default_data_dir(name, tokenizer)
+    out = Path(out) if out else default_data_dir(name, label)
     if out.exists() and not out.is_dir():
         raise GptlabError(f"{out} exists and is not a folder; choose another --out")
     check_writes_kind(out, "data")
@@ -526,10 +543,11 @@ def prepare(
     total_bytes = sum(p.stat().st_size for p in files)
     workers = workers or (default_workers() if total_bytes > kind.parallel_bytes else 1)
     t0 = time.time()
-    log(f"preparing {total_bytes:,} bytes from {len(files)} file(s) with the {tokenizer} tokenizer -> {out}"
+    log(f"preparing {total_bytes:,} bytes from {len(files)} file(s) with the {label} tokenizer -> {out}"
         f"{f' ({workers} processes)' if workers > 1 else ''}")
     tasks = {"train": plan_tasks(train_segs, CHUNK_BYTES), "val": plan_tasks(val_segs, CHUNK_BYTES)}
-    with _progress_bar(total_bytes, kind.learning or "", enabled=kind.learning is not None) as bar:
+    learning = kind.learning if isinstance(tokenizer, str) else None
+    with _progress_bar(total_bytes, learning or "", enabled=learning is not None) as bar:
         tok = build_tokenizer(tokenizer, tasks["train"], tasks["train"] + tasks["val"], workers, bar.update, keep_crlf)
     dtype = token_dtype(tok.vocab_size)
     with _progress_bar(total_bytes, "tokenizing") as bar:
@@ -539,7 +557,8 @@ def prepare(
     meta = {
         "format": 1,
         "name": name,
-        "tokenizer": tokenizer,
+        "tokenizer": tokenizer if isinstance(tokenizer, str) else tok.spec,
+        **({"tokenizer_from": str(Path(tokenizer_from).resolve())} if tokenizer_from else {}),
         "vocab_size": tok.vocab_size,
         "eot_id": tok.eot_id,
         "dtype": dtype.name,
@@ -571,14 +590,22 @@ def _progress_bar(total_bytes: int, desc: str, enabled: bool = True) -> Iterator
         yield bar
 
 
-def matches_sources(data_dir: Path, inputs: list[str], tokenizer: str, val_fraction: float) -> bool:
-    """Whether `data_dir` already holds these inputs prepared the same way (so it can be reused)."""
+def matches_sources(data_dir: Path, inputs: list[str], tokenizer: str | Tokenizer, val_fraction: float) -> bool:
+    """Whether `data_dir` already holds these inputs prepared the same way (so it can be reused).
+
+    A tokenizer already made (not a spec) matches when the saved one gives the same ids and the same end-of-text.
+    """
     try:
         meta = read_meta(data_dir)
         _, files = resolve_inputs(inputs)
+        if not isinstance(tokenizer, str):
+            saved = load_tokenizer(data_dir)
+            if not (saved.same_as(tokenizer) and saved.eot_id == tokenizer.eot_id):
+                return False
     except GptlabError:
         return False
-    if meta.get("tokenizer") != tokenizer or meta.get("val_fraction") != val_fraction \
+    spec = tokenizer if isinstance(tokenizer, str) else tokenizer.spec
+    if meta.get("tokenizer") != spec or meta.get("val_fraction") != val_fraction \
             or meta.get("line_ends", "kept") != "lf":
         return False
     known = [(s["path"], s["bytes"], s["sha256"]) for s in meta.get("sources", [])]

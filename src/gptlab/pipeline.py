@@ -7,7 +7,9 @@ Design choices:
 - Settings resolve as preset < --config file < flags (`config.resolve_config`); `--resume RUN`
   takes the run's own config.json instead and writes back into the run.
 - Text given straight to `train` is prepared once into data/<name>-<tokenizer> and reused while
-  the sources are unchanged (same bytes, tokenizer and split).
+  the sources are unchanged (same bytes, tokenizer and split). With `--init-from DIR` the text is
+  prepared with DIR's own tokenizer (data/<name>-<DIR's name>): a model reads only its own ids, so an
+  explicit --tokenizer that is not DIR's is an error rather than a silent switch.
 - With no preset or config file, what the user left open is sized to the data and the machine
   (`sizing.choose`), and the choice is printed with its reason.
 - `--init-from` is resolved here, into the shape, weights and tokenizer `train` starts from, so the
@@ -28,6 +30,7 @@ from gptlab.config import ModelConfig, TrainConfig, parse_duration, resolve_conf
 from gptlab.errors import GptlabError
 from gptlab.folders import check_writes_kind
 from gptlab.rundir import CONFIG, LAST, RunLock, check_run, default_run_dir
+from gptlab.tokenizer import Tokenizer
 
 
 def training_settings(preset: str | None, config_file: str | None, resume: str | None,
@@ -57,8 +60,11 @@ def run_training(inputs: list[str], overrides: dict[str, Any], preset: str | Non
     if inputs:
         if "data" in overrides:
             raise GptlabError("give either text to train on or --data, not both")
-        data_dir = prepare_for_training(inputs, train_cfg, quiet)
+        init_tokenizer = init_text_tokenizer(train_cfg, overrides) if not resume else None
+        data_dir = prepare_for_training(inputs, train_cfg, quiet, init_tokenizer)
         overrides["data"] = str(data_dir)
+        if init_tokenizer is not None:  # the run's config says which tokenizer the text really got
+            overrides["tokenizer"] = init_tokenizer.spec
         if not (preset or config_file):
             overrides = size_to_data(overrides, data_dir, train_cfg.device, quiet=quiet or not distributed.is_main())
         model_cfg, train_cfg = resolve_config(preset, config_file, overrides)
@@ -77,19 +83,39 @@ def run_training(inputs: list[str], overrides: dict[str, Any], preset: str | Non
         return train(model_cfg, train_cfg, resume=bool(resume), overwrite=overwrite, quiet=quiet, init=init)
 
 
-def prepare_for_training(inputs: list[str], train_cfg: TrainConfig, quiet: bool) -> Path:
-    """The data folder for text given to `train`: prepared now, or reused when it holds the same sources."""
-    from gptlab.data import default_data_dir, matches_sources, prepare, resolve_inputs
+def init_text_tokenizer(train_cfg: TrainConfig, overrides: dict[str, Any]) -> Tokenizer | None:
+    """The tokenizer of --init-from's folder, for text given to `train`; None without --init-from."""
+    if not train_cfg.init_from:
+        return None
+    from gptlab.hf.tokenizers import tokenizer_of
 
+    tokenizer = tokenizer_of(train_cfg.init_from, "--init-from")
+    asked = overrides.get("tokenizer")
+    if asked is not None and asked != tokenizer.spec:
+        raise GptlabError(f"--tokenizer {asked} is not the tokenizer of --init-from {train_cfg.init_from} "
+                          f"({tokenizer.spec}); drop --tokenizer: the text is prepared with that folder's own")
+    return tokenizer
+
+
+def prepare_for_training(inputs: list[str], train_cfg: TrainConfig, quiet: bool,
+                         tokenizer: Tokenizer | None = None) -> Path:
+    """The data folder for text given to `train`: prepared now, or reused when it holds the same sources.
+
+    `tokenizer`: one already made (--init-from's), used instead of building train_cfg.tokenizer.
+    """
+    from gptlab.data import default_data_dir, matches_sources, prepare, resolve_inputs, tokenizer_label
+
+    source = train_cfg.init_from if tokenizer is not None else ""
+    spec: str | Tokenizer = tokenizer if tokenizer is not None else train_cfg.tokenizer
     name, _ = resolve_inputs(inputs)
-    data_dir = default_data_dir(name, train_cfg.tokenizer)
+    data_dir = default_data_dir(name, tokenizer_label(spec, source))
     with distributed.main_first():  # under torchrun, rank 0 prepares and the others find it ready
-        if matches_sources(data_dir, inputs, train_cfg.tokenizer, train_cfg.val_fraction):
+        if matches_sources(data_dir, inputs, spec, train_cfg.val_fraction):
             if distributed.is_main() and not quiet:
                 print(f"using prepared data in {data_dir}")
         else:
-            prepare(inputs, train_cfg.tokenizer, data_dir, train_cfg.val_fraction,
-                    log=(lambda *a: None) if quiet or not distributed.is_main() else print)
+            prepare(inputs, spec, data_dir, train_cfg.val_fraction,
+                    log=(lambda *a: None) if quiet or not distributed.is_main() else print, tokenizer_from=source)
     return data_dir
 
 
