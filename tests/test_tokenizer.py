@@ -8,6 +8,7 @@ import pytest
 
 from gptlab.errors import GptlabError
 from gptlab.tokenizer import (
+    EOT_SPECIAL_TOKENS,
     KINDS,
     BPETokenizer,
     ByteTokenizer,
@@ -141,3 +142,20 @@ def test_byte_gives_every_utf8_byte_its_own_id_in_any_language(tmp_path):
     assert parse_spec("byte") == ("byte", 0)
     with pytest.raises(GptlabError, match="takes no size"):
         parse_spec("byte:300")
+
+
+def test_the_hf_kind_comes_only_from_a_folder():
+    with pytest.raises(GptlabError, match="use --tokenizer-from DIR"):
+        parse_spec("hf")
+    assert "--tokenizer-from DIR" in kinds_help()
+
+
+def test_a_bpe_folder_saved_without_special_tokens_still_ends_texts_with_endoftext(tmp_path, shakespeare_text):
+    tok = BPETokenizer.train(iter([shakespeare_text[:20_000]]), 300)
+    tok.save(tmp_path)
+    desc = json.loads((tmp_path / "tokenizer.json").read_text())
+    del desc["special_tokens"]  # as tokenizer.json was written before it recorded them
+    (tmp_path / "tokenizer.json").write_text(json.dumps(desc))
+    again = load_tokenizer(tmp_path)
+    assert again.eot_id == tok.eot_id == again.hf.token_to_id("<|endoftext|>")
+    assert again.special_tokens == EOT_SPECIAL_TOKENS and again.same_as(tok)

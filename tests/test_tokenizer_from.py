@@ -218,7 +218,9 @@ def test_tokenizer_from_a_data_folder_and_a_run_folder(hf_folder, documents, tmp
     text = tmp_path / "more.txt"
     text.write_text(MIXED * 20, encoding="utf-8")
     assert run_cli(capsys, "prepare", text, "--tokenizer-from", hf_folder, "--out", tmp_path / "d1")[0] == 0
-    assert run_cli(capsys, "prepare", text, "--tokenizer-from", tmp_path / "d1", "--out", tmp_path / "d2")[0] == 0
+    # (in a worker process: the tokenizer travels to it)
+    assert run_cli(capsys, "prepare", text, "--tokenizer-from", tmp_path / "d1", "--out", tmp_path / "d2",
+                   "--workers", "2")[0] == 0
     for split in ("train", "val"):
         assert load_tokens(tmp_path / "d1", split).tolist() == load_tokens(tmp_path / "d2", split).tolist()
     assert load_tokenizer(tmp_path / "d2").same_as(tokenizer_of(hf_folder))

@@ -497,8 +497,16 @@ class BPETokenizer:
         self.special_tokens = dict(special_tokens) if special_tokens is not None else _default_special_tokens(hf_tokenizer)
         self.eot_id = _end_id(hf_tokenizer, self.special_tokens)
         self.source = source  # the folder the tokenizer came from; "" when trained here
-        self.spec_json = json.loads(hf_tokenizer.to_str())
         self.steps = _decoder_steps(self.spec_json.get("decoder"))
+
+    @functools.cached_property
+    def spec_json(self) -> dict[str, Any]:
+        """The tokenizer.json as a dict."""
+        return json.loads(self.hf.to_str())
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A worker process gets the tokenizer, not what is derived from it (megabytes for a large vocabulary).
+        return {k: v for k, v in self.__dict__.items() if k not in ("spec_json", "_bytes_table", "_continuing")}
 
     @property
     def spec(self) -> str:
