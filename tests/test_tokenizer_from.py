@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from gptlab import cli
@@ -35,6 +35,9 @@ MIXED = (
     "Ünïcödé ñ ß ø — “quotes” … 12345 3.14159\n"
 )
 CHAT = ["<|im_start|>", "<|im_end|>"]
+# Llama 3's pre-tokenizer regex: it joins punctuation with the line end after it (".\n" is one pre-token).
+LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+          r"|\s+(?!\S)|\s+")
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
@@ -76,16 +79,20 @@ def sentencepiece_bpe(style: str) -> HFTokenizer:
     return tok
 
 
-def byte_level_bpe_with_chat(digits: bool) -> HFTokenizer:
-    """A byte-level BPE with <|endoftext|> at id 0 and chat tokens; `digits`: split numbers per digit, as SmolLM2."""
+def byte_level_bpe_with_chat(split: str, specials: tuple[str, ...] = ("<|endoftext|>", *CHAT)) -> HFTokenizer:
+    """A byte-level BPE, the first special token at id 0; `split`: GPT-2's regex, digits apart (SmolLM2) or Llama 3's."""
     tok = HFTokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
-        if digits else byte_level
+    tok.pre_tokenizer = {
+        "gpt2": byte_level,
+        "digits": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
+        "llama3": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3), behavior="isolated"),
+                                           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    }[split]
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", *CHAT], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=list(specials), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TRAIN_TEXT], trainer=trainer)
+    tok.train_from_iterator([TRAIN_TEXT, MIXED], trainer=trainer)
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok
 
@@ -103,8 +110,12 @@ def model_folder(root: Path, tok: HFTokenizer, eos: str, bos: str) -> Path:
 FOLDERS = {
     "sentencepiece-prepend": lambda root: model_folder(root, sentencepiece_bpe("prepend"), "</s>", "<s>"),
     "sentencepiece-metaspace": lambda root: model_folder(root, sentencepiece_bpe("metaspace"), "</s>", "<s>"),
-    "byte-level-chat": lambda root: model_folder(root, byte_level_bpe_with_chat(False), "<|endoftext|>", "<|endoftext|>"),
-    "byte-level-digits": lambda root: model_folder(root, byte_level_bpe_with_chat(True), "<|endoftext|>", "<|endoftext|>"),
+    "byte-level-chat": lambda root: model_folder(root, byte_level_bpe_with_chat("gpt2"), "<|endoftext|>", "<|endoftext|>"),
+    "byte-level-digits": lambda root: model_folder(root, byte_level_bpe_with_chat("digits"), "<|endoftext|>",
+                                                   "<|endoftext|>"),
+    "byte-level-llama3": lambda root: model_folder(
+        root, byte_level_bpe_with_chat("llama3", ("<|end_of_text|>", "<|begin_of_text|>")), "<|end_of_text|>",
+        "<|begin_of_text|>"),
 }
 
 
@@ -117,7 +128,8 @@ def hf_folder(request, tmp_path_factory) -> Path:
 def documents(tmp_path_factory) -> tuple[Path, Path]:
     """Two files whose train/val cut falls exactly between them; the first is long enough to be cut in parts."""
     root = tmp_path_factory.mktemp("docs")
-    first = (MIXED * 700)[: 70_000 + 1]  # over split_text's 65,536 characters, so it is encoded in parts
+    # Over split_text's 65,536 characters, so it is encoded in parts, with lines ending in "." where it is cut.
+    first = (MIXED * 700)[:65_000] + "Zoë.\n" * 300 + " the end."
     second = MIXED * 3
     a, b = root / "a.txt", root / "b.txt"
     a.write_text(first, encoding="utf-8")
@@ -157,9 +169,9 @@ def test_kinds_and_end_of_text_come_from_the_folder(hf_folder):
         assert tok.eot_id == hf.token_to_id("</s>") == 2
         assert tok.special_tokens == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<s>"}
     else:
-        assert tok.eot_id == 0  # <|endoftext|> at id 0, named eos_token
-        # GPT-2's pre-tokenization is the bpe kind (llama.cpp's byte-level BPE); digits split apart is not.
-        assert tok.name == ("hf" if hf_folder.name.endswith("digits") else "bpe")
+        assert tok.eot_id == 0  # <|endoftext|> (<|end_of_text|>) at id 0, named eos_token
+        # GPT-2's pre-tokenization is the bpe kind (llama.cpp's byte-level BPE); any other split is hf.
+        assert tok.name == ("bpe" if hf_folder.name == "byte-level-chat" else "hf")
 
 
 def stream(tok, ids: list[int]) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -234,8 +235,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 Piece = tuple[str, int, int, bool]  # path, start byte, end byte, whether it ends a file (not the split's last)
 Task = list[Piece]  # about CHUNK_BYTES of text, the unit of work of one worker process
-_CUT_AT = re.compile(rb"[\n ]")
-_CUT_IN_TEXT = re.compile(r"(?<=\S)[\n ]")  # the same places in decoded text (re's \s is str.isspace)
+CUT_BEFORE = "\n "  # where a cut may fall (after a non-space) unless the tokenizer's kind says otherwise
+
+
+@functools.cache
+def _cut_patterns(cut_before: str) -> tuple[re.Pattern[bytes], re.Pattern[str]]:
+    """The places to cut in bytes, and the same places in decoded text (re's \\s is str.isspace)."""
+    chars = re.escape(cut_before)
+    return re.compile(f"[{chars}]".encode()), re.compile(f"(?<=\\S)[{chars}]")
 
 
 def _ends_in_space(before: bytes) -> bool:
@@ -249,23 +256,27 @@ def _ends_in_space(before: bytes) -> bool:
         return True
 
 
-def safe_cut(f: BinaryIO, at: int, end: int, patience: int = CHUNK_BYTES) -> int:
+def safe_cut(f: BinaryIO, at: int, end: int, patience: int = CHUNK_BYTES, cut_before: str = CUT_BEFORE) -> int:
     """The first offset from `at` on where cutting the text changes no token.
 
-    That is a newline or space right after a non-whitespace character. No pre-token of the GPT-2
+    That is a newline or space (`cut_before`, the tokenizer kind's) right after a non-whitespace
+    character. No pre-token of the GPT-2
     regex (tiktoken's or Hugging Face's byte-level one) spans such a place: a pre-token holding a
     non-space character never runs on into whitespace, and the regexes look ahead only across
     whitespace and never behind. So both sides tokenize exactly as they would inside the whole
-    text; char tokens never depend on cuts at all. Text without such a place for `patience` bytes
+    text; char tokens never depend on cuts at all. A model's own tokenizer (the `hf` kind) cuts only
+    before a space: Llama 3's regex joins punctuation with the newline after it. Text without such a
+    place for `patience` bytes
     (no space or newline at all) is cut at the next character start instead, the one kind of cut
     where BPE tokens may differ from the uncut text's.
     """
+    cut_at = _cut_patterns(cut_before)[0]
     pos, stop = at, min(end, at + patience)
     while pos < stop:
         base = max(0, pos - 4)
         f.seek(base)
         window = f.read(min(end, pos + SCAN_BYTES) - base)
-        for m in _CUT_AT.finditer(window, pos - base):
+        for m in cut_at.finditer(window, pos - base):
             if m.start() > 0 and not _ends_in_space(window[max(0, m.start() - 4) : m.start()]):
                 return base + m.start()
         pos = base + len(window)
@@ -276,15 +287,16 @@ def safe_cut(f: BinaryIO, at: int, end: int, patience: int = CHUNK_BYTES) -> int
     return end
 
 
-def split_text(text: str, size: int = 1 << 16) -> Iterator[str]:
+def split_text(text: str, size: int = 1 << 16, cut_before: str = CUT_BEFORE) -> Iterator[str]:
     """`text` in parts of about `size` characters, cut where `safe_cut` would cut (so tokens stay the same).
 
     BPE encoders hold ~100 bytes per token of bookkeeping while they work (Hugging Face's Encoding),
     and the BPE trainer buffers 256 texts at a time: parts this small keep both to megabytes.
     """
+    cut_at = _cut_patterns(cut_before)[1]
     start = 0
     while len(text) - start > size:
-        m = _CUT_IN_TEXT.search(text, start + size)
+        m = cut_at.search(text, start + size)
         if m is None:
             break
         yield text[start : m.start()]
@@ -292,7 +304,7 @@ def split_text(text: str, size: int = 1 << 16) -> Iterator[str]:
     yield text[start:]
 
 
-def plan_tasks(segments: list[Segment], chunk_bytes: int) -> list[Task]:
+def plan_tasks(segments: list[Segment], chunk_bytes: int, cut_before: str = CUT_BEFORE) -> list[Task]:
     """A split's text as tasks of about `chunk_bytes`: pieces cut by `safe_cut`, small files grouped."""
     tasks: list[Task] = []
     current: Task = []
@@ -303,7 +315,7 @@ def plan_tasks(segments: list[Segment], chunk_bytes: int) -> list[Task]:
             start = seg.start
             while start < seg.end:
                 room = chunk_bytes - size
-                end = seg.end if seg.end - start <= room else safe_cut(f, start + room, seg.end, chunk_bytes)
+                end = seg.end if seg.end - start <= room else safe_cut(f, start + room, seg.end, chunk_bytes, cut_before)
                 current.append((str(seg.path), start, end, ends_file and end == seg.end))
                 size += end - start
                 start = end
@@ -367,7 +379,7 @@ def _tokens_of(task: Task) -> tuple[np.ndarray, int]:
     parts = []
     for piece in task:
         text = read_piece(piece, _worker["keep_crlf"])
-        for n, part in enumerate(split_text(text)):
+        for n, part in enumerate(split_text(text, cut_before=tokenizer.cut_before)):
             parts.append(tokenizer.encode_array(part, continues=n > 0 or piece[1] > 0).astype(dtype))
         if piece[3] and tokenizer.eot_id is not None:
             parts.append(np.array([tokenizer.eot_id], dtype=dtype))
@@ -545,7 +557,7 @@ def prepare(
     t0 = time.time()
     log(f"preparing {total_bytes:,} bytes from {len(files)} file(s) with the {label} tokenizer -> {out}"
         f"{f' ({workers} processes)' if workers > 1 else ''}")
-    tasks = {"train": plan_tasks(train_segs, CHUNK_BYTES), "val": plan_tasks(val_segs, CHUNK_BYTES)}
+    tasks = {split: plan_tasks(segs, CHUNK_BYTES, kind.cut_before) for split, segs in (("train", train_segs), ("val", val_segs))}
     learning = kind.learning if isinstance(tokenizer, str) else None
     with _progress_bar(total_bytes, learning or "", enabled=learning is not None) as bar:
         tok = build_tokenizer(tokenizer, tasks["train"], tasks["train"] + tasks["val"], workers, bar.update, keep_crlf)

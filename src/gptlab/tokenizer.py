@@ -77,6 +77,7 @@ class Tokenizer(Protocol):
     usage: str  # how the command line asks for the kind, e.g. "bpe:N"
     learning: str | None  # what prepare shows while it learns the vocabulary from the text; None: nothing to learn
     parallel_bytes: int  # inputs larger than this are tokenized by worker processes
+    cut_before: str  # prepare cuts long text only before these characters (after a non-space): no token crosses there
     vocab_size: int
     eot_id: int | None
     special_tokens: dict[str, str]  # tokenizer_config.json's named special tokens
@@ -119,6 +120,7 @@ class CharTokenizer:
     name = "char"
     usage = "char"
     learning = "counting characters"
+    cut_before = "\n "
     # Below this size, starting worker processes (~0.5 s each, twice for char: once to count the
     # characters, once to tokenize) costs more than it saves: char tokenizes at ~70 MB/s on one core.
     parallel_bytes = 256 << 20
@@ -294,6 +296,7 @@ class ByteTokenizer:
     usage = "byte"
     learning = None
     parallel_bytes = 256 << 20  # encoding is one copy (~1 GB/s); workers pay off only on huge inputs
+    cut_before = "\n "
     vocab_size = 256
     eot_id = None
     special_tokens: dict[str, str] = {}
@@ -376,6 +379,7 @@ class GPT2Tokenizer:
     usage = "gpt2"
     learning = None
     parallel_bytes = 16 << 20  # tiktoken encodes at 1-8 MB/s on one core; a worker starts in ~0.5 s
+    cut_before = "\n "  # GPT-2's regex never joins a non-space with the whitespace after it
     vocab_size = 50257
     eot_id = 50256
     special_tokens = EOT_SPECIAL_TOKENS
@@ -489,6 +493,7 @@ class BPETokenizer:
     usage = "bpe:N"
     learning = "training BPE"
     parallel_bytes = 16 << 20  # `tokenizers` encodes at 1-8 MB/s on one core; a worker starts in ~0.5 s
+    cut_before = "\n "  # GPT-2's regex never joins a non-space with the whitespace after it
 
     def __init__(self, hf_tokenizer, special_tokens: dict[str, str] | None = None,  # type: ignore[no-untyped-def]
                  source: str = "") -> None:
@@ -661,6 +666,9 @@ class HFBPETokenizer(BPETokenizer):
     name = "hf"
     usage = "--tokenizer-from DIR"
     learning = None
+    # Only before a space: Llama 3's regex joins punctuation with the newline after it (".\n"); no split
+    # joins a non-space with the space after it, nor does a SentencePiece vocabulary ("▁" starts words).
+    cut_before = " "
     spec = "hf"  # type: ignore[assignment]
 
     @classmethod
