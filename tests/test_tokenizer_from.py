@@ -297,9 +297,17 @@ def test_bad_tokenizer_folders_are_one_line_errors(tmp_path, capsys, documents):
     HFTokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], unk_id=0)).save(str(unigram / "tokenizer.json"))
     empty = tmp_path / "empty"
     empty.mkdir()
+    no_decoder = tmp_path / "no-decoder"
+    no_decoder.mkdir()
+    HFTokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")])).save(str(no_decoder / "tokenizer.json"))
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "tokenizer.json").write_text('{"model": {"type": "BPE"')
     cases = [
         (wordpiece, "is a WordPiece tokenizer, which gptlab cannot run"),
         (unigram, "is a Unigram tokenizer, which gptlab cannot run"),
+        (no_decoder, "has no decoder"),
+        (corrupt, "are corrupt"),
         (empty, "the folder has no tokenizer"),
         (tmp_path / "nosuch", "folder not found"),
     ]
