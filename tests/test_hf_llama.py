@@ -230,7 +230,7 @@ def test_what_our_block_cannot_compute_is_a_one_line_error(hf_untied, bpe_data, 
                    "original_max_position_embeddings": 32, "rope_theta": 500000.0}
     cases = [
         (_bad_copy(folder, tmp_path / "rope", rope_parameters=llama3_rope, rope_scaling=llama3_rope),
-         "rope_scaling is 'llama3' (only plain rotary positions are computed here)"),
+         "rope_scaling is 'llama3' (scaled rotary positions), which gptlab's Llama block does not compute"),
         (_bad_copy(folder, tmp_path / "gelu", hidden_act="gelu"), "hidden_act is 'gelu', not silu"),
         (_bad_copy(folder, tmp_path / "bert", model_type="bert"),
          "describes a bert model; --init-from takes Hugging Face models of type gpt2 or llama, or gptlab runs"),

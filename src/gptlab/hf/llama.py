@@ -104,7 +104,7 @@ def model_config_from_hf(config: dict[str, Any], folder: Path, dropout: float = 
             raise GptlabError(f"{where}: {key} is {value!r}, not a positive whole number; the file is damaged, download it again")
     checks = [
         (config.get("hidden_act", "silu") == "silu", f"hidden_act is {config.get('hidden_act')!r}, not silu"),
-        (rope_type in PLAIN_ROPE, f"rope_scaling is {rope_type!r} (only plain rotary positions are computed here)"),
+        (rope_type in PLAIN_ROPE, f"rope_scaling is {rope_type!r} (scaled rotary positions)"),
         (not config.get("attention_bias", False), "attention_bias is on"),
         (not config.get("mlp_bias", False), "mlp_bias is on"),
         (hidden % heads == 0, f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}"),
