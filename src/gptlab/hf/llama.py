@@ -144,7 +144,7 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], model_cfg: ModelConfig,
         raise GptlabError(f"{folder}: config.json says the output head is untied (tie_word_embeddings false) but the "
                           f"weights have no {HEAD}; download the weights again, or set tie_word_embeddings true if the "
                           "model ties them")
-    _check_shapes(ours, model_cfg, folder / "model.safetensors", "its config.json")
+    _check_shapes(ours, model_cfg, folder, "its config.json")  # the folder: its weights may be several shards
     return with_head(ours, model_cfg)
 
 def with_head(tensors: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
