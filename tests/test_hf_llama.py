@@ -276,3 +276,36 @@ def test_exporting_a_qk_norm_run_says_llama_cannot_express_it(bpe_data, tmp_path
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("gptlab export: error: ") and "has --qk-norm, which LlamaForCausalLM cannot express" in err
     assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".*export*"))
+
+
+@pytest.mark.parametrize("style", ["byte-level-chat", "sentencepiece-prepend"])
+def test_a_llama_with_its_own_tokenizer_prepares_fine_tunes_and_exports(style, small_corpus, tmp_path, capsys, one_thread):
+    """The README's SmolLM2 recipe in small: prepare --tokenizer-from, train --init-from, export, transformers."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .test_tokenizer_from import FOLDERS
+
+    hf = FOLDERS[style](tmp_path / "hf")  # SmolLM2's byte-level BPE with chat tokens, or TinyLlama's SentencePiece
+    vocab = HFTokenizer.from_file(str(hf / "tokenizer.json")).get_vocab_size()
+    torch.manual_seed(5)
+    config = transformers.LlamaConfig(vocab_size=vocab, tie_word_embeddings=True, dtype="float32", **TINY_LLAMA)
+    transformers.LlamaForCausalLM(config).save_pretrained(hf)
+    data, run, out = tmp_path / "data", tmp_path / "run", tmp_path / "export"
+    for argv in (("prepare", small_corpus, "--tokenizer-from", hf, "--out", data),
+                 ("train", "--init-from", hf, "--data", data, "--max-iters", "3", "--eval-interval", "3", *SHORT_RUN,
+                  "--out", run),
+                 ("export", run, "--out", out)):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 0, (argv[0], err)
+
+    tm = load(run, device="cpu")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    their_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = "ROMEO: Is it so? then\nI defy you, stars!"
+    assert their_tokenizer(text, add_special_tokens=False)["input_ids"] == tm.tokenizer.encode(text)
+    prompt = torch.tensor([tm.tokenizer.encode("ROMEO:")])
+    our_ids = generate(tm.model, prompt, 20, temperature=0.0)
+    with torch.no_grad():
+        their_ids = back.generate(prompt, do_sample=False, max_new_tokens=20, min_new_tokens=20, eos_token_id=None,
+                                  pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    assert our_ids.tolist() == their_ids.tolist()
