@@ -309,3 +309,20 @@ def test_a_llama_with_its_own_tokenizer_prepares_fine_tunes_and_exports(style, s
         their_ids = back.generate(prompt, do_sample=False, max_new_tokens=20, min_new_tokens=20, eos_token_id=None,
                                   pad_token_id=0, attention_mask=torch.ones_like(prompt))
     assert our_ids.tolist() == their_ids.tolist()
+
+
+def test_text_with_init_from_keeps_the_models_shape_and_takes_a_shorter_context(hf_tied, small_corpus, tmp_path,
+                                                                                  capsys, one_thread):
+    """`gptlab train TEXT --init-from DIR --block-size N --time T`: the sizing picks only the length (no
+    from-scratch preset's shape or learning rates), and the context is the one asked for."""
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", small_corpus, "--init-from", hf_tied[0], "--block-size", "32",
+                             "--time", "3s", "--eval-iters", "1", "--batch-size", "2", "--num-samples", "0",
+                             "--out", run)
+    assert code == 0, err
+    assert "picked the" not in out  # no shape is picked for a model that comes whole
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["arch"] == "llama" and config["model"]["block_size"] == 32
+    assert config["model"]["n_embd"] == TINY_LLAMA["hidden_size"]
+    assert config["train"]["optimizer"] == "adamw" and config["train"]["learning_rate"] == 1e-3
+    assert config["train"]["time"] == "3s"

@@ -160,7 +160,7 @@ def add_model_commands(sub: Any) -> None:
                                    "AutoModelForCausalLM.from_pretrained(DIR), pipeline('text-generation', DIR); "
                                    "or, with --format space, as a Gradio Space serving the page of gptlab serve.")
     x.add_argument("run", help="run folder")
-    x.add_argument("--format", default="hf", help="hf: a transformers GPT-2 folder with tokenizer and model card; "
+    x.add_argument("--format", default="hf", help="hf: a transformers GPT-2 or Llama folder with tokenizer and model card; "
                                                   "space: a Hugging Face Space (app.py, the model, gptlab); "
                                                   "gguf: one file for llama.cpp and Ollama, with a Modelfile (default: 'hf')")
     x.add_argument("--out", default=None, help="folder to write, or the .gguf file "

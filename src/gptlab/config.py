@@ -180,7 +180,7 @@ class TrainConfig:
     out: str = _help("run folder for checkpoints, metrics and plots; default runs/<data name>", default="")
     tokenizer: str = _help("tokenizer when training straight from text: a kind `gptlab prepare --tokenizer` takes", default="char")
     init_from: str = _help(
-        "start from these weights: a Hugging Face GPT-2 folder or a gptlab run folder "
+        "start from these weights: a Hugging Face GPT-2 or Llama folder or a gptlab run folder "
         "(its model shape and tokenizer come with it; the data must use the same tokenizer)", default=""
     )
     val_fraction: float = _help("share of the text held out for validation (taken from the end)", default=0.1)

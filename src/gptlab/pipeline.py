@@ -66,7 +66,8 @@ def run_training(inputs: list[str], overrides: dict[str, Any], preset: str | Non
         if init_tokenizer is not None:  # the run's config says which tokenizer the text really got
             overrides["tokenizer"] = init_tokenizer.spec
         if not (preset or config_file):
-            overrides = size_to_data(overrides, data_dir, train_cfg.device, quiet=quiet or not distributed.is_main())
+            overrides = size_to_data(overrides, data_dir, train_cfg.device, quiet=quiet or not distributed.is_main(),
+                                     keep_shape=bool(train_cfg.init_from))
         model_cfg, train_cfg = resolve_config(preset, config_file, overrides)
     if not train_cfg.data:
         raise GptlabError("no training data; pass --data <prepared folder> or a text file (gptlab train my.txt)")
@@ -75,7 +76,8 @@ def run_training(inputs: list[str], overrides: dict[str, Any], preset: str | Non
         from gptlab.hf.init import load_init
         from gptlab.tokenizer import load_tokenizer
 
-        init = load_init(train_cfg.init_from, model_cfg, load_tokenizer(train_cfg.data), train_cfg.data)
+        init = load_init(train_cfg.init_from, model_cfg, load_tokenizer(train_cfg.data), train_cfg.data,
+                         block_size=overrides.get("block_size", 0))  # only a --block-size the user gave
     run_dir = Path(train_cfg.out) if train_cfg.out else default_run_dir(train_cfg.data)
     check_writes_kind(run_dir, "run")
     lock = RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext()
@@ -119,15 +121,21 @@ def prepare_for_training(inputs: list[str], train_cfg: TrainConfig, quiet: bool,
     return data_dir
 
 
-def size_to_data(overrides: dict[str, Any], data_dir: str | Path, device: str, quiet: bool) -> dict[str, Any]:
-    """`overrides` plus the model shape and budget that `gptlab.sizing` picks for this data and machine."""
+def size_to_data(overrides: dict[str, Any], data_dir: str | Path, device: str, quiet: bool,
+                 keep_shape: bool = False) -> dict[str, Any]:
+    """`overrides` plus the model shape and budget that `gptlab.sizing` picks for this data and machine.
+
+    `keep_shape`: the model comes from --init-from, so only the length is picked (a preset's learning
+    rates, made for training from scratch, would wreck a trained model).
+    """
     from gptlab.data import read_meta
     from gptlab.device import autodetect_device
-    from gptlab.sizing import choose
+    from gptlab.sizing import MODEL_SHAPE, choose
 
     meta = read_meta(data_dir)
     budget = parse_duration(overrides["time"]) if overrides.get("time") else None
-    choice = choose(int(meta["train_tokens"]), autodetect_device(device).type, set(overrides), budget)
+    given = set(overrides) | (set(MODEL_SHAPE) if keep_shape else set())
+    choice = choose(int(meta["train_tokens"]), autodetect_device(device).type, given, budget)
     if choice is None:
         return overrides
     if not quiet:
