@@ -15,10 +15,18 @@ Design choices:
   reordering there.
 - The output head is written as its own tensor (`output.weight`) even when tied, so every file
   has the same tensors; the vocabulary is cut to the tokenizer's.
-- The tokenizer is GPT-2's byte-level BPE (`tokenizer.ggml.model = "gpt2"`, pre-tokenizer "gpt-2"):
-  the gpt2 and bpe:N kinds. char and byte are refused: llama.cpp's BPE vocabulary falls back to
-  token 11 as its end-of-text when a file names none, so a vocabulary without one would stop
-  generating at its twelfth token.
+- The gpt2 and bpe:N kinds are GPT-2's byte-level BPE (`tokenizer.ggml.model = "gpt2"`, pre-tokenizer
+  "gpt-2"). char and byte are refused: llama.cpp's BPE vocabulary falls back to token 11 as its
+  end-of-text when a file names none, so a vocabulary without one would stop generating at its
+  twelfth token.
+- A model's own tokenizer (the hf kind) is written only where llama.cpp gives the same ids, as
+  recognised from the tokenizer.json's structure, never from a model's name: a byte-level BPE whose
+  pre-tokenizer is one llama.cpp names (`BYTE_LEVEL_PRE`: GPT-2's, SmolLM's digits apart, Llama 3's
+  split), or a SentencePiece-style BPE with byte fallback (llama.cpp's `llama` vocabulary, scored by
+  merge rank), when its merges are what SentencePiece's merging follows (`merge_scores`). A
+  Metaspace spelling, any other split and anything else are one-line errors pointing to --format hf.
+- No BOS in front of a prompt (add_bos_token false, whatever the tokenizer's post-processor adds):
+  gptlab's data has none, so the model never saw one.
 - 1-D tensors (norms, biases) and the position embedding stay f32, as llama.cpp's converter keeps
   them; a matrix whose rows do not split into q8_0's 32-value blocks is written f16.
 - llama.cpp's gpt2 computes GELU in its tanh form through an f16 table, whatever form the model
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,37 +138,192 @@ def gguf_tensors(src: ExportSource) -> dict[str, np.ndarray]:
     return out
 
 
+# llama.cpp's byte-level pre-tokenizers (tokenizer.ggml.pre), each as a tokenizer.json spells the same split:
+# (its pre-tokenizer steps, whether the BPE takes a pre-token found whole in the vocabulary as it is).
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}  # GPT-2's regex, then bytes
+_BYTES_ONLY = {**_BYTE_LEVEL, "use_regex": False}
+_LLAMA3_SPLIT = {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": False}
+BYTE_LEVEL_PRE = {
+    "gpt-2": ([_BYTE_LEVEL], False),
+    "smollm": ([{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL], False),  # SmolLM, SmolLM2
+    "llama-bpe": ([_LLAMA3_SPLIT, _BYTES_ONLY], True),  # Llama 3
+    "smaug-bpe": ([_LLAMA3_SPLIT, _BYTES_ONLY], False),  # Llama 3's split with every pre-token merged
+}
+SPIECE = "\u2581"  # SentencePiece's "▁", standing for a space
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _steps(node: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+    """A normalizer's or pre-tokenizer's steps in order (a Sequence flattened; none: [])."""
+    if not node:
+        return []
+    if node.get("type") == "Sequence":
+        return [step for inner in node.get(key) or [] for step in _steps(inner, key)]
+    return [node]
+
+
+def _matches(step: dict[str, Any], expected: dict[str, Any]) -> bool:
+    """Whether a step has every field `expected` gives (ByteLevel's use_regex defaults to true)."""
+    return all(step.get(k, True if k == "use_regex" else None) == v for k, v in expected.items())
+
+
+def byte_level_pre(spec: dict[str, Any]) -> str | None:
+    """llama.cpp's name for a byte-level BPE's pre-tokenizer, or None when it knows no such split."""
+    if spec.get("normalizer") or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
+    steps = _steps(spec.get("pre_tokenizer"), "pretokenizers")
+    ignore_merges = bool(spec["model"].get("ignore_merges"))
+    for name, (expected, ignores) in BYTE_LEVEL_PRE.items():
+        if ignores == ignore_merges and len(steps) == len(expected) and all(map(_matches, steps, expected)):
+            return name
+    return None
+
+
+def space_prefix(spec: dict[str, Any]) -> bool | None:
+    """For a SentencePiece-style BPE (spaces as "▁", byte fallback): whether a "▁" starts each text; None if not one.
+
+    Its two spellings in tokenizer.json: a Prepend("▁") + Replace(" ", "▁") normalizer (Llama 2,
+    TinyLlama), or a Metaspace pre-tokenizer that does not split (transformers' newer conversion).
+    Only the first is llama.cpp's: Metaspace puts no "▁" before a text that starts with a space,
+    llama.cpp always does, so it is refused.
+    """
+    model = spec["model"]
+    vocab = model.get("vocab") or {}
+    if not model.get("byte_fallback") or model.get("ignore_merges") or not all(f"<0x{b:02X}>" in vocab for b in range(256)):
+        return None
+    norms, pres = _steps(spec.get("normalizer"), "normalizers"), _steps(spec.get("pre_tokenizer"), "pretokenizers")
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPIECE}
+    if not pres and norms and _matches(norms[-1], replace):
+        if norms[:-1] == [] or (len(norms) == 2 and _matches(norms[0], {"type": "Prepend", "prepend": SPIECE})):
+            return len(norms) == 2
+    if not norms and len(pres) == 1 and _matches(pres[0], {"type": "Metaspace", "replacement": SPIECE, "split": False}):
+        scheme = pres[0].get("prepend_scheme") or ("always" if pres[0].get("add_prefix_space", True) else "never")
+        return scheme != "never"  # "first" and "always" differ only after a special token
+    return None
+
+
+def merge_scores(spec: dict[str, Any]) -> dict[str, float] | None:
+    """Scores for llama.cpp's SentencePiece merging (-rank of the merge that makes each token), or None when
+    that merging would not give the BPE's ids.
+
+    llama.cpp merges any two neighbours whose text is a token, the highest score first; the BPE
+    merges only listed pairs, the lowest rank first. They agree when every split of a token into
+    two parts that can stand side by side is a listed merge, and merges that make the same token
+    come together: so a tokenizer.json converted from SentencePiece lists them.
+    """
+    vocab = spec["model"]["vocab"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in spec["model"].get("merges") or []]
+    ranks = {pair: r for r, pair in reversed(list(enumerate(merges)))}
+    scores: dict[str, float] = {}
+    previous = None
+    for rank, (a, b) in enumerate(merges):
+        made = a + b
+        if made in scores and made != previous:
+            return None  # the same token made again after other merges: ranks and scores would not agree
+        scores.setdefault(made, -float(rank))
+        previous = made
+
+    def standalone(piece: str) -> bool:  # a symbol llama.cpp's merging may hold: a token, or one character
+        return piece in vocab or len(piece) == 1
+
+    for token in vocab:
+        for i in range(1, len(token)):
+            a, b = token[:i], token[i:]
+            if standalone(a) and standalone(b) and (a, b) not in ranks:
+                return None
+    return scores
+
+
+def _hf_plan(tokenizer: Tokenizer) -> tuple[str, str | None]:
+    """(tokenizer.ggml.model, tokenizer.ggml.pre) for an hf-kind tokenizer, or a one-line error."""
+    spec = json.loads(tokenizer.hf_files()["tokenizer.json"])
+    name = getattr(tokenizer, "source", "") or "this run"
+    fix = "export it with --format hf"
+    if spec["model"].get("dropout") or spec["model"].get("continuing_subword_prefix") or spec["model"].get("end_of_word_suffix"):
+        raise GptlabError(f"--format gguf: the BPE of {name} uses dropout or word marks, which llama.cpp cannot "
+                          f"reproduce; {fix}")
+    if tokenizer.eot_id is None:
+        raise GptlabError(f"--format gguf: the BPE of {name} has no end-of-text token, which llama.cpp needs; {fix}")
+    pre = byte_level_pre(spec)
+    if pre is not None:
+        return "gpt2", pre
+    if space_prefix(spec) is not None:
+        if _steps(spec.get("pre_tokenizer"), "pretokenizers") and space_prefix(spec):
+            raise GptlabError(f"--format gguf: the Metaspace pre-tokenizer of {name} adds no \"\u2581\" before a text "
+                              f"that starts with a space, where llama.cpp always adds one; {fix}")
+        if merge_scores(spec) is None:
+            raise GptlabError(f"--format gguf: the SentencePiece-style BPE of {name} has merges llama.cpp's "
+                              f"SentencePiece merging would not follow (not all splits of its tokens are merges); {fix}")
+        return "llama", None
+    raise GptlabError(f"--format gguf: the BPE of {name} splits text in a way llama.cpp has no name for (it knows "
+                      f"GPT-2's, SmolLM's and Llama 3's byte-level splits, and SentencePiece-style BPE); {fix}")
+
+
 def check_tokenizer(tokenizer: Tokenizer) -> None:
     """A one-line error for a tokenizer llama.cpp would not tokenize as we do."""
-    if tokenizer.name not in SUPPORTED_TOKENIZERS:
-        raise GptlabError(f"--format gguf takes runs with the gpt2 or bpe:N tokenizer (llama.cpp's byte-level BPE); "
-                          f"this run uses {tokenizer.spec}: export it with --format hf, or train with --tokenizer bpe:N")
+    if tokenizer.name == "hf":
+        _hf_plan(tokenizer)
+    elif tokenizer.name not in SUPPORTED_TOKENIZERS:
+        raise GptlabError(f"--format gguf takes runs with the gpt2 or bpe:N tokenizer (llama.cpp's byte-level BPE) "
+                          f"or a model's own from --tokenizer-from; this run uses {tokenizer.spec}: export it with "
+                          f"--format hf, or train with --tokenizer bpe:N")
 
 
-def byte_level_vocab(tokenizer: Tokenizer) -> tuple[list[str], list[str], list[str]]:
-    """Tokens (as GPT-2's vocab.json spells them, by id), merges ("a b") and the special tokens' texts."""
-    spec = json.loads(tokenizer.hf_files()["tokenizer.json"])
-    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-    tokens = [""] * tokenizer.vocab_size
-    for text, i in {**spec["model"]["vocab"], **specials}.items():
-        if i < tokenizer.vocab_size:
+def vocab_lists(spec: dict[str, Any], size: int) -> tuple[list[str], list[str], set[str], set[str]]:
+    """Tokens (as tokenizer.json spells them, by id), merges ("a b"), the special added tokens' texts and
+    the other added tokens' texts."""
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    specials = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+    tokens = [""] * size
+    for text, i in {**spec["model"]["vocab"], **added}.items():
+        if i < size:
             tokens[i] = text
-    return tokens, merge_lines(spec["model"].get("merges", [])), list(specials)
+    return tokens, merge_lines(spec["model"].get("merges", [])), specials, set(added) - specials
+
+
+def _token_id(tokenizer: Tokenizer, key: str) -> int | None:
+    """The id of a special token tokenizer_config.json names (e.g. bos_token), None if none."""
+    text = (getattr(tokenizer, "special_tokens", None) or {}).get(key)
+    return tokenizer.hf.token_to_id(text) if text is not None else None  # type: ignore[attr-defined]
 
 
 def _add_tokenizer(writer: Any, tokenizer: Tokenizer) -> None:
     import gguf
 
-    tokens, merges, specials = byte_level_vocab(tokenizer)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    spec = json.loads(tokenizer.hf_files()["tokenizer.json"])
+    model, pre = _hf_plan(tokenizer) if tokenizer.name == "hf" else ("gpt2", "gpt-2")
+    tokens, merges, specials, user = vocab_lists(spec, tokenizer.vocab_size)
+    # Special added tokens are control tokens (read in text only with special=True); other added tokens
+    # are user-defined, which llama.cpp picks out of any text, as `tokenizers` does.
+    types = [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.USER_DEFINED if t in user
+             else gguf.TokenType.NORMAL for t in tokens]
+    writer.add_tokenizer_model(model)
+    eos = tokenizer.eot_id
+    named_bos = _token_id(tokenizer, "bos_token") if tokenizer.name == "hf" else None
+    bos = eos if named_bos is None else named_bos
+    if model == "gpt2":
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_merges(merges)
+    else:
+        scores = merge_scores(spec) or {}
+        unk = spec["model"].get("unk_token")
+        types = [gguf.TokenType.BYTE if _BYTE_TOKEN.fullmatch(t) else gguf.TokenType.UNKNOWN if t == unk else ty
+                 for t, ty in zip(tokens, types)]
+        # Only a merged token's score is ever read; single characters, bytes and specials get 0.
+        writer.add_token_scores([scores.get(t, 0.0) for t in tokens])
+        if unk is not None and tokenizer.hf.token_to_id(unk) is not None:  # type: ignore[attr-defined]
+            writer.add_unk_token_id(tokenizer.hf.token_to_id(unk))  # type: ignore[attr-defined]
+        # The "▁" that starts each text, as our encode puts it (llama.cpp's add_space_prefix).
+        writer.add_add_space_prefix(bool(space_prefix(spec)))
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
-    writer.add_token_merges(merges)
-    if tokenizer.eot_id is not None:
-        writer.add_bos_token_id(tokenizer.eot_id)
-        writer.add_eos_token_id(tokenizer.eot_id)
-    # Our prompts start with no token in front; end-of-text is added only where the text has one.
+    writer.add_token_types(types)
+    if eos is not None:
+        writer.add_bos_token_id(bos)
+        writer.add_eos_token_id(eos)
+    # Our prompts start with no token in front (gptlab's data has no BOS added, whatever the tokenizer's
+    # post-processor does); end-of-text is added only where the text has one.
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
 
@@ -215,8 +379,9 @@ def modelfile(gguf_path: Path, tokenizer: Tokenizer) -> str:
     """An Ollama Modelfile for a plain completion model: the prompt as is, sampled as samples.txt is."""
     lines = [MODELFILE_MARK, f"FROM ./{gguf_path.name}", 'TEMPLATE """{{ .Prompt }}"""',
              f"PARAMETER temperature {SAMPLES_SETTINGS.temperature}", f"PARAMETER top_k {SAMPLES_SETTINGS.top_k}"]
-    if tokenizer.eot_id is not None:
-        lines.append(f'PARAMETER stop "{ENDOFTEXT}"')
+    if tokenizer.eot_id is not None:  # a model's own end-of-text may be another token, e.g. </s>
+        stop = tokenizer.token_bytes(tokenizer.eot_id).decode("utf-8", "replace") if tokenizer.name == "hf" else ENDOFTEXT
+        lines.append(f"PARAMETER stop {json.dumps(stop)}")
     return "\n".join(lines) + "\n"
 
 
