@@ -20,7 +20,6 @@ from gptlab.fsutil import atomic_write_bytes
 from gptlab.rundir import LAST, TRAIN_STATE
 
 
-
 def resume_hint(run_dir: str | Path | None) -> str:
     """What to tell a user whose run stopped on a failed write: resume only when there is a point to resume from."""
     if run_dir is None:

@@ -228,7 +228,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         model = ModelConfig(**preset["model"])
         vocab = model.vocab_size or 65
         info = {
-            "preset": preset["name"], "about": preset["about"], "n_layer": model.n_layer, "n_head": model.n_head,
+            "preset": preset["name"], "about": preset["about"], "arch": model.arch, "n_layer": model.n_layer,
+            "n_head": model.n_head,
             "n_embd": model.n_embd, "block_size": model.block_size, "vocab_size": vocab,
             "vocab_from_data": model.vocab_size == 0, "params": model.num_params(vocab),
             "train": preset["train"],
@@ -237,8 +238,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(json.dumps(info, indent=1))
             return 0
         print(f"preset {info['preset']}: {info['about']}")
-        print(f"  layers {model.n_layer}, heads {model.n_head}, width {model.n_embd}, context {model.block_size}, "
-              f"dropout {model.dropout}, bias {model.bias}")
+        print(f"  {model.describe()}, dropout {model.dropout}, bias {model.bias}")
         note = " (vocabulary comes from the data; 65 = tiny Shakespeare char)" if model.vocab_size == 0 else ""
         print(f"  vocabulary {vocab:,}{note}")
         print(f"  parameters {info['params']:,}")
@@ -255,8 +255,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     m = info["model"]
     best = f"{info['best_val_loss']:.4f}" if info["best_val_loss"] is not None else "n/a"
     print(f"run {info['run']}")
-    print(f"  model      {info['params']:,} parameters: {m['n_layer']} layers, {m['n_head']} heads, "
-          f"{m['n_embd']} wide, context {m['block_size']}, vocab {m['vocab_size']:,}")
+    print(f"  model      {info['params']:,} parameters: {ModelConfig(**m).describe()}, vocab {m['vocab_size']:,}")
     print(f"  tokenizer  {info['tokenizer'].get('type', '?')}")
     print(f"  data       {info['data']}")
     print(f"  trained    {info['steps']:,} steps, {info['tokens_seen']:,} tokens seen, {info['elapsed_sec']:,.1f}s")

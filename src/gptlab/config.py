@@ -22,7 +22,6 @@ from typing import Any
 from gptlab.errors import GptlabError
 from gptlab.fsutil import read_json_object
 
-
 ARCHS = ("gpt2", "llama")
 # Model settings added with the llama block: a run's config.json written before them is a gpt2 run,
 # which is what their defaults describe, so they may be absent (every other model key must be there).
@@ -124,6 +123,18 @@ class ModelConfig:
         if self.arch == "llama":  # SwiGLU's three matrices cost what GELU's two of 4x do (Llama's rule)
             return -(-8 * self.n_embd // 3 // 64) * 64
         return 4 * self.n_embd
+
+    def describe(self) -> str:
+        """The shape in words, for the training log, `gptlab info`, the page and model cards."""
+        heads = f"{self.n_head} heads"
+        if self.kv_heads != self.n_head:
+            heads = f"{self.n_head} query heads sharing {self.kv_heads} key/value head{'s' if self.kv_heads > 1 else ''}"
+        text = f"{self.arch} block, {self.n_layer} layers, {heads}, {self.n_embd} wide, MLP {self.hidden} wide, " \
+               f"context {self.block_size}"
+        if self.arch == "llama":
+            text += f", rotary base {self.rope_theta:g}, {'tied' if self.tie_embeddings else 'untied'} output head"
+            text += ", QK-norm" if self.qk_norm else ""
+        return text
 
     def param_shapes(self, vocab_size: int | None = None) -> dict[str, tuple[int, ...]]:
         """Name and shape of every tensor the model of this config saves (a tied head once), without torch.

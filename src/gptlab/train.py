@@ -621,8 +621,7 @@ def describe(run: Run, say: Callable, quiet: bool) -> None:
     """Print the model, the data, the device and the run folder; warn when the model could memorise the data."""
     m, train_tokens = run.model_cfg, len(run.splits["train"])
     n_params = run.model.num_params()
-    say(f"model: {n_params:,} parameters ({m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
-        f"context {m.block_size}, vocab {m.vocab_size:,})")
+    say(f"model: {n_params:,} parameters ({m.describe()}, vocab {m.vocab_size:,})")
     say(
         f"data: {train_tokens:,} train / {len(run.splits['val']):,} val tokens from {run.cfg.data}; "
         f"{run.tokens_per_step:,} tokens per step; device {run.device}, {str(run.dtype).replace('torch.', '')}"

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from gptlab.config import SAMPLES_SETTINGS, ModelConfig, TrainConfig
+from gptlab.config import SAMPLES_SETTINGS, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.hf.gpt2 import DEFAULT_MAX_LENGTH
 from gptlab.hf.source import ExportSource
@@ -57,16 +57,6 @@ def hf_front_matter(arch: str) -> list[str]:
     """The YAML header of an hf export's card."""
     return ["---", "library_name: transformers", "pipeline_tag: text-generation", *arch_tags(arch), "---"]
 
-def _shape(m: ModelConfig) -> str:
-    heads = f"{m.n_head} heads"
-    if m.arch == "llama" and m.kv_heads != m.n_head:
-        heads = f"{m.n_head} query heads sharing {m.kv_heads} key/value head{'s' if m.kv_heads > 1 else ''}"
-    extra = ""
-    if m.arch == "llama":
-        extra = f", rotary positions (base {m.rope_theta:g}), {'tied' if m.tie_embeddings else 'untied'} output head"
-        extra += ", QK-norm" if m.qk_norm else ""
-    return f"{m.n_layer} layers, {heads}, {m.n_embd} wide, MLP {m.hidden} wide, context {m.block_size} tokens{extra}"
-
 def model_card(src: ExportSource, has_plot: bool, front_matter: Sequence[str] | None = None,
                usage: Sequence[str] | None = None, plot: str = LOSS_PLOT) -> str:
     """README.md: what the model is, what it was trained on and how well, how to use it, samples.
@@ -96,7 +86,7 @@ def model_card(src: ExportSource, has_plot: bool, front_matter: Sequence[str] | 
         "| | |",
         "|---|---|",
         f"| parameters | {s['params']:,} |",
-        f"| shape | {_shape(m)} |",
+        f"| shape | {m.describe()} |",
         f"| tokenizer | {tok_text} |",
         f"| training | {s['steps']:,} steps, {s['tokens_seen']:,} tokens seen, {s['elapsed_sec']:,.0f} s, "
         f"peak learning rate {src.train_cfg.learning_rate:g} |",

@@ -36,12 +36,12 @@ class ServedModel:
         s = self.summary
         if not s:
             c = self.model.config
-            return f"**{self.name}**: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context {c.block_size}"
+            return f"**{self.name}**: {c.describe()}"
         m = s["model"]
         best = f"{s['best_val_loss']:.4f}" if s.get("best_val_loss") is not None else "n/a"
         return "\n".join([
             f"### {self.name}",
-            f"- **size**: {s['params']:,} parameters: {m['n_layer']} layers, {m['n_head']} heads, {m['n_embd']} wide",
+            f"- **size**: {s['params']:,} parameters: {self.model.config.describe()}",
             f"- **context**: {m['block_size']:,} tokens",
             f"- **tokenizer**: {s['tokenizer'].get('type', '?')}, vocabulary {m['vocab_size']:,}",
             f"- **best val loss**: {best}",
