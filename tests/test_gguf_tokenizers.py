@@ -106,6 +106,9 @@ def test_llama_cpp_gives_our_ids_and_text(exported, one_thread):
         assert llm.detokenize(ids) == b"".join(tok.token_bytes(i) for i in ids), text
     ids = tok.encode(TEXT)
     assert llm.detokenize(ids).decode().removeprefix(" " if model == "llama" else "") == TEXT == tok.decode(ids)
+    # `tokenizers` reads special tokens in any text; llama.cpp its control tokens with special=True
+    chat = f"{tok.special_tokens['bos_token']}user\n12 + 30?{tok.special_tokens['eos_token']}\n"
+    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tok.encode(chat)
 
 
 def test_the_file_names_the_tokenizers_special_tokens(exported):
@@ -129,6 +132,8 @@ def test_the_file_names_the_tokenizers_special_tokens(exported):
         assert fields["tokenizer.ggml.add_space_prefix"] is True
     else:
         assert len(fields["tokenizer.ggml.merges"]) > 0
+    # Ollama stops at the model's own end-of-text
+    assert f'PARAMETER stop "{tok.special_tokens["eos_token"]}"' in out.with_suffix(".Modelfile").read_text()
 
 
 def test_llama_cpp_computes_our_logits(exported, one_thread):
