@@ -266,9 +266,8 @@ def check_tokenizer(tokenizer: Tokenizer) -> None:
     if tokenizer.name == "hf":
         _hf_plan(tokenizer)
     elif tokenizer.name not in SUPPORTED_TOKENIZERS:
-        raise GptlabError(f"--format gguf takes runs with the gpt2 or bpe:N tokenizer (llama.cpp's byte-level BPE) "
-                          f"or a model's own from --tokenizer-from; this run uses {tokenizer.spec}: export it with "
-                          f"--format hf, or train with --tokenizer bpe:N")
+        raise GptlabError(f"--format gguf takes runs with the gpt2 or bpe:N tokenizer (llama.cpp's byte-level BPE); "
+                          f"this run uses {tokenizer.spec}: export it with --format hf, or train with --tokenizer bpe:N")
 
 
 def vocab_lists(spec: dict[str, Any], size: int) -> tuple[list[str], list[str], set[str], set[str]]:
