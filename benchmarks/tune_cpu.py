@@ -55,6 +55,13 @@ CANDIDATES: dict[str, list[str]] = {
     # The Llama block (rotary positions, RMSNorm, SwiGLU) at the presets' shapes and around them
     "llama-quick": "--preset cpu-quick --arch llama".split(),
     "llama-small": "--preset cpu-small --arch llama".split(),
+    "llama-quick-h256": "--preset cpu-quick --arch llama --mlp-hidden 256".split(),
+    "llama-small-h256": "--preset cpu-small --arch llama --mlp-hidden 256".split(),
+    "llama-quick-kv2": "--preset cpu-quick --arch llama --n-kv-head 2".split(),
+    "llama-small-kv2": "--preset cpu-small --arch llama --n-kv-head 2".split(),
+    "llama-small-m15": "--preset cpu-small --arch llama --mlp-hidden 256 --muon-lr 0.015".split(),
+    "llama-small-l3": "--preset cpu-small --arch llama --mlp-hidden 256 --n-layer 3".split(),
+    "llama-small-c256": "--preset cpu-small --arch llama --mlp-hidden 256 --block-size 256 --batch-size 6".split(),
 }
 
 

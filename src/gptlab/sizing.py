@@ -10,7 +10,8 @@ Design choices:
   124M model on 1 MB of text reaches a train loss near 0.1 while its val loss climbs).
 - A short CPU budget (under 2 minutes, given with --time) gets the small, fast `cpu-quick` shape
   whatever the corpus: in 43 s it learns more than `cpu-small`, whose larger steps pay off only
-  over minutes (benchmarks/README.md has the timed search).
+  over minutes (benchmarks/README.md has the timed search). `cpu-quick` is a llama block, which won
+  every pair at 43 s; at 5 minutes GPT-2's block did, so `cpu-small` stays GPT-2.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def choose(train_tokens: int, device_type: str, given: set[str], budget_sec: flo
     parts = []
     if pick_model:
         parts.append(
-            f"the {name} shape ({model['n_layer']} layers, {model['n_embd']} wide, context {model['block_size']}) "
+            f"the {name} shape ({model.get('arch', 'gpt2')} block, {model['n_layer']} layers, {model['n_embd']} wide, "
+            f"context {model['block_size']}) "
             f"for {train_tokens:,} training tokens on {'a GPU' if on_gpu else 'the CPU'}"
             + (" and a budget under 2 minutes" if short and name == "cpu-quick" else "")
         )
