@@ -63,19 +63,23 @@ def fields(path: Path) -> dict:
             "tensors": {t.name: np.array(t.data) for t in reader.tensors}}
 
 
+def assert_llama_cpp_logits(llm, tm, prompt: str = PROMPT) -> None:
+    """llama.cpp tokenizes `prompt` to our ids and scores every position as our model does (within TOLERANCE)."""
+    ids = tm.tokenizer.encode(prompt)
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == ids
+    llm.eval(ids)
+    with torch.no_grad():
+        ours = tm.model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(llm.scores[:len(ids)] - ours).max() <= TOLERANCE
+
+
 @pytest.mark.parametrize("name", list(RUNS))
 def test_llama_cpp_runs_the_llama_export_as_we_do(name, runs, tmp_path, one_thread):
     out = export(runs[name], tmp_path / "model.gguf", fmt="gguf")
     llm = llama(out, logits_all=True, type_k=0, type_v=0)  # GGML_TYPE_F32: a KV cache as exact as our model
     assert llm.metadata["general.architecture"] == ARCHITECTURE[name]
     tm = load(runs[name], device="cpu")
-    ids = tm.tokenizer.encode(PROMPT)
-    assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == ids
-
-    llm.eval(ids)
-    with torch.no_grad():
-        ours = tm.model(torch.tensor([ids]))[0].numpy()
-    assert np.abs(llm.scores[:len(ids)] - ours).max() <= TOLERANCE
+    assert_llama_cpp_logits(llm, tm)
 
     ids = tm.tokenizer.encode(GREEDY_PROMPT)
     theirs = llama_greedy(llm, ids, NEW_TOKENS)

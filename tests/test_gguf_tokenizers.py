@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
@@ -24,12 +23,12 @@ from gptlab.hf.gguf import check_tokenizer
 from gptlab.hf.tokenizers import tokenizer_of
 
 from .test_gguf import BLOCK, llama
+from .test_gguf_llama import assert_llama_cpp_logits
 from .test_tokenizer_from import FOLDERS, MIXED, byte_level_bpe_with_chat, model_folder, sentencepiece_bpe
 
 PROMPT = "ROMEO: Is it so? then\nI defy you, stars!"
 # Beyond MIXED: digits in a run, a double space, code and a line of tabs.
 TEXT = MIXED + "Call 12345 or 2024-06-01  now.\n\tif x == 3:\n\t\tprint('ok')  # 7\n"
-TOLERANCE = 1e-4  # f32 files, as in test_gguf_llama.py
 
 
 def with_model(tok: HFTokenizer, **changes) -> HFTokenizer:
@@ -139,13 +138,7 @@ def test_the_file_names_the_tokenizers_special_tokens(exported):
 def test_llama_cpp_computes_our_logits(exported, one_thread):
     name, run, out = exported
     llm = llama(out, logits_all=True, type_k=0, type_v=0)  # GGML_TYPE_F32: a KV cache as exact as our model
-    tm = load(run, device="cpu")
-    ids = tm.tokenizer.encode(PROMPT)
-    assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == ids
-    llm.eval(ids)
-    with torch.no_grad():
-        ours = tm.model(torch.tensor([ids]))[0].numpy()
-    assert np.abs(llm.scores[:len(ids)] - ours).max() <= TOLERANCE
+    assert_llama_cpp_logits(llm, load(run, device="cpu"), PROMPT)
 
 
 def test_a_sentencepiece_bpe_whose_merges_llama_cpp_would_not_follow_is_refused(tmp_path):

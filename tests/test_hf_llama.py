@@ -39,6 +39,16 @@ SHORT_RUN = ("--batch-size", "8", "--eval-iters", "2", "--warmup-iters", "5", "-
              "--sample-tokens", "20", "--quiet")
 
 
+def assert_same_greedy_tokens(tm, hf_model, prompt: str = "ROMEO:", n: int = 20) -> None:
+    """Our greedy continuation of `prompt` is transformers' `generate(do_sample=False)`, token for token."""
+    ids = torch.tensor([tm.tokenizer.encode(prompt)])
+    ours = generate(tm.model, ids, n, temperature=0.0)
+    with torch.no_grad():
+        theirs = hf_model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+                                   pad_token_id=0, attention_mask=torch.ones_like(ids))
+    assert ours.tolist() == theirs.tolist()
+
+
 def make_hf_llama(folder: Path, vocab_size: int, tokenizer_files: dict[str, str], seed: int = 0,
                   **overrides) -> transformers.LlamaForCausalLM:
     """A tiny random LlamaForCausalLM saved in shards, as large Hub models are, with a tokenizer.json."""
@@ -172,12 +182,7 @@ def test_an_exported_llama_is_ours_in_plain_transformers(kind, llama_runs, hf_un
     if kind == "imported":  # and the run is the folder it came from
         assert (hf_logits(hf_untied[1], ids) - ours).abs().max().item() <= 1e-4
 
-    prompt = torch.tensor([tm.tokenizer.encode("ROMEO:")])
-    our_ids = generate(tm.model, prompt, 20, temperature=0.0)
-    with torch.no_grad():
-        their_ids = back.generate(prompt, do_sample=False, max_new_tokens=20, min_new_tokens=20, eos_token_id=None,
-                                  pad_token_id=0, attention_mask=torch.ones_like(prompt))
-    assert our_ids.tolist() == their_ids.tolist()
+    assert_same_greedy_tokens(tm, back)
 
     # And the export imports back as the same model.
     model_cfg, weights, _ = load_init(out, ModelConfig(), tm.tokenizer)
@@ -303,12 +308,7 @@ def test_a_llama_with_its_own_tokenizer_prepares_fine_tunes_and_exports(style, s
     their_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     text = "ROMEO: Is it so? then\nI defy you, stars!"
     assert their_tokenizer(text, add_special_tokens=False)["input_ids"] == tm.tokenizer.encode(text)
-    prompt = torch.tensor([tm.tokenizer.encode("ROMEO:")])
-    our_ids = generate(tm.model, prompt, 20, temperature=0.0)
-    with torch.no_grad():
-        their_ids = back.generate(prompt, do_sample=False, max_new_tokens=20, min_new_tokens=20, eos_token_id=None,
-                                  pad_token_id=0, attention_mask=torch.ones_like(prompt))
-    assert our_ids.tolist() == their_ids.tolist()
+    assert_same_greedy_tokens(tm, back)
 
 
 def test_text_with_init_from_keeps_the_models_shape_and_takes_a_shorter_context(hf_tied, small_corpus, tmp_path,
