@@ -19,6 +19,8 @@ from gptlab.errors import GptlabError
 from gptlab.fsutil import atomic_write_bytes
 from gptlab.rundir import LAST, TRAIN_STATE
 
+HEAD = "lm_head.weight"  # the output head, which a tied model shares with its token embedding
+
 
 def resume_hint(run_dir: str | Path | None) -> str:
     """What to tell a user whose run stopped on a failed write: resume only when there is a point to resume from."""
@@ -41,6 +43,14 @@ def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         seen.add(tensor.data_ptr())
         out[name] = tensor.detach().contiguous().cpu()
     return out
+
+
+def with_tied_head(tensors: dict[str, torch.Tensor], model_cfg: Any) -> dict[str, torch.Tensor]:
+    """`tensors` as `load_state_dict` takes them strictly: a tied head (left out when saved) named too, as the
+    token embedding itself (the first tensor `ModelConfig.param_shapes` names)."""
+    if HEAD in tensors or not model_cfg.tie_embeddings:
+        return tensors
+    return {**tensors, HEAD: tensors[next(iter(model_cfg.param_shapes()))]}
 
 
 def _weights_bytes(model: torch.nn.Module, metadata: dict[str, Any] | None) -> bytes:

@@ -45,8 +45,16 @@ from gptlab.config import ModelConfig
 class LanguageModel(nn.Module):
     """What GPT and Llama share: parameter counting, optimizer groups, the flat decode path's bookkeeping."""
 
-    config: ModelConfig
+    arch: str  # the `ModelConfig.arch` the class builds
     _decode: Any = None
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.vocab_size < 1:
+            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building a model")
+        if config.arch != self.arch:
+            raise ValueError(f"{type(self).__name__} builds the {self.arch} block, not {config.arch!r}; use build_model(config)")
+        self.config = config
 
     def num_params(self) -> int:
         """Parameters, with a tied embedding counted once."""
@@ -71,9 +79,19 @@ class LanguageModel(nn.Module):
         n = self.num_params() - (c.block_size * c.n_embd if c.arch == "gpt2" else 0)  # a position lookup is free
         return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
 
+    def _check_length(self, T: int) -> None:
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than the context length {self.config.block_size}")
+
     def _check_cached(self, T: int, start: int) -> None:
         if start + T > self.config.block_size:
             raise ValueError(f"positions {start}..{start + T - 1} run past the context length {self.config.block_size}")
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the final hidden states (on a GPU in training, against a vocabulary padded to a multiple of 64)."""
+        if self.training and x.is_cuda:
+            return padded_linear(x, self.lm_head.weight)
+        return self.lm_head(x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -133,13 +151,10 @@ class Block(nn.Module):
 class GPT(LanguageModel):
     """A GPT-2-style decoder-only language model."""
 
+    arch = "gpt2"
+
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        if config.vocab_size < 1:
-            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building a GPT")
-        if config.arch != "gpt2":
-            raise ValueError(f"GPT builds the gpt2 block, not {config.arch!r}; use build_model(config)")
-        self.config = config
+        super().__init__(config)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -170,16 +185,13 @@ class GPT(LanguageModel):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T), T <= block_size."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than the context length {self.config.block_size}")
+        self._check_length(T)
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        if self.training and x.is_cuda:
-            return padded_linear(x, self.lm_head.weight)
-        return self.lm_head(x)  # (B, T, vocab_size)
+        return self._head(x)  # (B, T, vocab_size)
 
     def forward_cached(self, idx: torch.Tensor, cache: Any) -> torch.Tensor:
         """Logits (B, vocab_size) of the last position of `idx` (B, T), reading and extending `cache`.
@@ -330,13 +342,10 @@ class LlamaBlock(nn.Module):
 class Llama(LanguageModel):
     """A Llama-style decoder-only language model, under Hugging Face LlamaForCausalLM's parameter names."""
 
+    arch = "llama"
+
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        if config.vocab_size < 1:
-            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building a model")
-        if config.arch != "llama":
-            raise ValueError(f"Llama builds the llama block, not {config.arch!r}; use build_model(config)")
-        self.config = config
+        super().__init__(config)
         self.model = nn.ModuleDict(
             dict(
                 embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
@@ -360,16 +369,13 @@ class Llama(LanguageModel):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T), T <= block_size."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than the context length {self.config.block_size}")
+        self._check_length(T)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hs/2)
         x = self.drop(self.model.embed_tokens(idx))  # (B, T, C)
         for block in self.model.layers:
             x = block(x, cos, sin)
         x = self.model.norm(x)
-        if self.training and x.is_cuda:
-            return padded_linear(x, self.lm_head.weight)
-        return self.lm_head(x)  # (B, T, vocab_size)
+        return self._head(x)  # (B, T, vocab_size)
 
     def forward_cached(self, idx: torch.Tensor, cache: Any) -> torch.Tensor:
         """Logits (B, vocab_size) of the last position of `idx` (B, T), reading and extending `cache`.

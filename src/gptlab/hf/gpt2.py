@@ -134,6 +134,10 @@ def model_config_from_hf(config: dict[str, Any], folder: Path, dropout: float = 
 def state_dict_from_hf(tensors: dict[str, torch.Tensor], model_cfg: ModelConfig, config: dict[str, Any],
                        folder: Path) -> dict[str, torch.Tensor]:
     """HF GPT-2 tensors renamed and transposed into our GPT's state dict (float32, head tied)."""
+    import torch
+
+    from gptlab.checkpoint import with_tied_head
+
     ours: dict[str, torch.Tensor] = {}
     head = None
     for name, tensor in tensors.items():
@@ -153,7 +157,7 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], model_cfg: ModelConfig,
         raise GptlabError(f"{folder}: the output head is not tied to the token embedding (tie_word_embeddings false); "
                           "gptlab's GPT ties them, so this model cannot be imported")
     _check_shapes(ours, model_cfg, folder / "model.safetensors", "its config.json")
-    return _tie(ours)
+    return with_tied_head(ours, model_cfg)
 
 def _check_shapes(tensors: dict[str, torch.Tensor], model_cfg: ModelConfig, path: Path, against: str) -> None:
     expected = model_cfg.param_shapes()
@@ -167,5 +171,3 @@ def _check_shapes(tensors: dict[str, torch.Tensor], model_cfg: ModelConfig, path
               f"unexpected {sorted(set(got) - set(expected))[0]}")
     raise GptlabError(f"weights in {path} do not fit {against} ({detail}); the files come from different models")
 
-def _tie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {**tensors, "lm_head.weight": tensors["transformer.wte.weight"]}

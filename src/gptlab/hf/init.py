@@ -77,8 +77,7 @@ def read_run(run_dir: Path, dropout: float = 0.0) -> tuple[ModelConfig, dict[str
     tensors, _ = ckpt.read_weights(path)
     tensors = {k: v.float() for k, v in tensors.items()}
     _check_shapes(tensors, model_cfg, path, "its config.json")
-    head = llama.with_head(tensors, model_cfg) if model_cfg.arch == "llama" else gpt2._tie(tensors)
-    return model_cfg, head, load_tokenizer(run_dir)
+    return model_cfg, ckpt.with_tied_head(tensors, model_cfg), load_tokenizer(run_dir)
 
 def read_hf_folder(folder: Path, config: dict[str, Any] | None = None,
                    dropout: float = 0.0) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:

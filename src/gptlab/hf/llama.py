@@ -131,6 +131,8 @@ def model_config_from_hf(config: dict[str, Any], folder: Path, dropout: float = 
 def state_dict_from_hf(tensors: dict[str, torch.Tensor], model_cfg: ModelConfig, config: dict[str, Any],
                        folder: Path) -> dict[str, torch.Tensor]:
     """HF Llama tensors as our Llama's state dict: float32, buffers dropped, the head present (tied or not)."""
+    from gptlab.checkpoint import with_tied_head
+
     ours = {}
     for name, tensor in tensors.items():
         if name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved; we compute it
@@ -145,10 +147,4 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], model_cfg: ModelConfig,
                           f"weights have no {HEAD}; download the weights again, or set tie_word_embeddings true if the "
                           "model ties them")
     _check_shapes(ours, model_cfg, folder, "its config.json")  # the folder: its weights may be several shards
-    return with_head(ours, model_cfg)
-
-def with_head(tensors: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The state dict `load_state_dict` takes strictly: a tied head named too, as the embedding itself."""
-    if model_cfg.tie_embeddings:
-        return {**tensors, HEAD: tensors[EMBEDDING]}
-    return tensors
+    return with_tied_head(ours, model_cfg)

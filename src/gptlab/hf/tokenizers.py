@@ -51,8 +51,6 @@ def hf_tokenizer(folder: Path) -> Tokenizer:
         else:
             raise GptlabError(f"{folder} has no tokenizer (vocab.json + merges.txt, or tokenizer.json); "
                               "copy the model's tokenizer files into it")
-        if not isinstance(spec, dict) or not isinstance(spec.get("model", {}), dict):
-            raise TypeError("not a tokenizer.json object")
         config_file = folder / "tokenizer_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
         if not isinstance(spec, dict) or not isinstance(spec.get("model", {}), dict) \
