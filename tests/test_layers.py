@@ -17,7 +17,7 @@ LAYERS = [
     ["rundir", "tokenizer", "device"],
     ["data", "model", "copycheck"],
     ["optim", "checkpoint", "engine"],
-    ["generation", "evaluate", "report"],
+    ["generation", "evaluate", "report", "experiment_logs"],
     ["train", "hf"],
     ["pipeline", "serve"],
     ["cli", "__main__", "__init__"],

@@ -227,6 +227,10 @@ class TrainConfig:
     max_rollbacks: int = _help("rollbacks (each halving the learning rate) before giving up", default=3)
     num_samples: int = _help("samples written to samples.txt after training", default=2)
     sample_tokens: int = _help("tokens per sample in samples.txt", default=300)
+    live_sample_tokens: int = _help("tokens of a fresh sample drawn at each evaluation into events.jsonl "
+                                    "(what live views show); 0 = none", default=0)
+    log: str = _help("also log the metrics to tensorboard or wandb (comma-separated for both); wandb runs "
+                     "offline unless WANDB_MODE says otherwise", default="")
 
     def __post_init__(self) -> None:
         positive_ints = ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "sample_tokens",
@@ -236,7 +240,7 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise GptlabError(f"{flag} must be a positive integer, got {value!r}")
-        for name in ("warmup_iters", "lr_decay_iters", "stride", "num_samples", "max_rollbacks"):
+        for name in ("warmup_iters", "lr_decay_iters", "stride", "num_samples", "max_rollbacks", "live_sample_tokens"):
             if getattr(self, name) < 0:
                 raise GptlabError(f"--{name.replace('_', '-')} must be zero or positive, got {getattr(self, name)}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):

@@ -56,6 +56,17 @@ class LanguageModel(nn.Module):
             raise ValueError(f"{type(self).__name__} builds the {self.arch} block, not {config.arch!r}; use build_model(config)")
         self.config = config
 
+    def train(self, mode: bool = True) -> LanguageModel:
+        """Switch to training (or eval) mode; training forgets the decode path's gathered tensors.
+
+        Optimizers may update parameters without bumping their in-place version (torch's fused
+        AdamW does not), so the version stamp alone would keep a decode copy of old weights across
+        training steps: a sample drawn between steps would come from the weights of the first one.
+        """
+        if mode:
+            self._decode = None
+        return super().train(mode)
+
     def num_params(self) -> int:
         """Parameters, with a tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())

@@ -72,17 +72,29 @@ def write_samples(run_dir: str | Path, model: torch.nn.Module, tokenizer: Any, n
     """Write `num_samples` unprompted samples to samples.txt, sampled as `settings` says; returns them."""
     if num_samples < 1:
         return []
-    device = next(model.parameters()).device
-    model.eval()
-    prompt = start_ids(tokenizer)
-    idx = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
-    out = generate(model, idx, max_new_tokens, settings, seed=seed)
-    texts = [tokenizer.decode(row[len(prompt):].tolist()) for row in out]
+    texts = sample_texts(model, tokenizer, num_samples, max_new_tokens, seed, settings)
     body = "\n\n=== Next Sequence ===\n\n".join(texts)
     header = (f"# {num_samples} samples, {max_new_tokens} tokens each, temperature {settings.temperature}, "
               f"top-k {settings.top_k}, seed {seed}\n\n")
     atomic_write_text(Path(run_dir) / rundir.SAMPLES, header + body + "\n")
     return texts
+
+
+@torch.no_grad()
+def sample_texts(model: torch.nn.Module, tokenizer: Any, num_samples: int, max_new_tokens: int, seed: int = 1337,
+                 settings: SampleConfig = SAMPLES_SETTINGS) -> list[str]:
+    """`num_samples` unprompted samples of `max_new_tokens` tokens (the model is left in eval mode)."""
+    device = next(model.parameters()).device
+    model.eval()
+    prompt = start_ids(tokenizer)
+    idx = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
+    out = generate(model, idx, max_new_tokens, settings, seed=seed)
+    return [tokenizer.decode(row[len(prompt):].tolist()) for row in out]
+
+
+def sample_text(model: torch.nn.Module, tokenizer: Any, max_new_tokens: int, seed: int = 1337) -> str:
+    """One unprompted sample."""
+    return sample_texts(model, tokenizer, 1, max_new_tokens, seed)[0]
 
 
 def token_label(tokenizer: Tokenizer, token: int) -> str:

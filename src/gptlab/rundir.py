@@ -9,6 +9,8 @@ A run folder holds:
     metrics.csv         one row per evaluation
     loss.png            train and val loss against steps and tokens seen
     samples.txt         a few samples from the best weights
+    events.jsonl        what training did, one JSON object per line: start, progress, eval, stopped,
+                        finished, failed (what `gptlab ui` and other live views read)
 
 The weights and the training state are read and written by `checkpoint.py` (which needs torch);
 everything else about a run folder is here, so the server, `info` and the exporters can describe a
@@ -38,9 +40,10 @@ METRICS = "metrics.csv"
 LOSS_PLOT = "loss.png"
 SAMPLES = "samples.txt"
 TEMPERATURE_PLOT = "temperature.png"
+EVENTS = "events.jsonl"
 TOKENIZER_FILES = ("tokenizer.json", "gpt2.tiktoken", "hf_tokenizer.json")
 CHECKPOINT_FILES = (BEST, LAST, TRAIN_STATE)
-RUN_FILES = (CONFIG, BEST, LAST, TRAIN_STATE, METRICS, LOSS_PLOT, SAMPLES) + TOKENIZER_FILES
+RUN_FILES = (CONFIG, BEST, LAST, TRAIN_STATE, METRICS, LOSS_PLOT, SAMPLES, EVENTS) + TOKENIZER_FILES
 METRIC_COLUMNS = ("step", "tokens_seen", "epoch", "lr", "train_loss", "val_loss", "tokens_per_sec", "elapsed_sec")
 
 
@@ -233,6 +236,72 @@ def run_summary(run_dir: str | Path, files: RunFiles | None = None) -> dict[str,
     }
 
 
+class EventLog:
+    """events.jsonl: what training did, appended one JSON line at a time, so a reader never sees half a record.
+
+    Each line is {"event": NAME, "time": UNIX SECONDS, ...}. A run started over (--overwrite) starts
+    a new file; a resumed run appends to it, so the file tells the whole story of the folder.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        import time
+
+        line = json.dumps({"event": event, "time": round(time.time(), 3), **fields}, allow_nan=False,
+                          default=str) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)  # one write of one line: appends from one process never interleave
+
+
+def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The events of a run, oldest first (a line cut short by a crash, or not JSON, is skipped)."""
+    path = Path(run_dir) / EVENTS
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    events = []
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and isinstance(event.get("event"), str):
+            events.append(event)
+    return events
+
+
+ENDINGS = {"finished", "stopped", "failed"}
+
+
+def training_status(run_dir: str | Path, events: list[dict[str, Any]] | None = None) -> str:
+    """"running", "finished", "stopped" or "failed" from the run folder alone (no memory of who started it).
+
+    A trainer holds the folder's lock while it runs; a run whose last story has no ending and whose
+    trainer is gone was killed (SIGKILL, out of memory, power): failed. A folder trained before
+    events.jsonl existed counts as finished when it has weights.
+    """
+    run_dir = Path(run_dir)
+    if training_pid(run_dir) is not None:
+        return "running"
+    events = read_events(run_dir) if events is None else events
+    endings = [e["event"] for e in events if e["event"] in ENDINGS or e["event"] == "start"]
+    if not endings:
+        return "finished" if (run_dir / BEST).is_file() or (run_dir / LAST).is_file() else "failed"
+    return "failed" if endings[-1] == "start" else endings[-1]
+
+
+def training_pid(run_dir: str | Path) -> int | None:
+    """The process training `run_dir` now, or None."""
+    try:
+        pid = int((Path(run_dir) / LOCK).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
 LOCK = ".gptlab-train.lock"
 
 
@@ -305,4 +374,7 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (exited, not yet reaped by its parent) is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

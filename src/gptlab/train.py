@@ -27,11 +27,16 @@ Design choices:
   and each rank's RNG state is gathered into the checkpoint (gptlab/distributed.py has the rest).
 - Ctrl-C and SIGTERM become a flag checked between steps (`StopRequest`): the run saves `last` and
   stops with the command that resumes it.
+- What happens is told to `Run.observers`, each called as observer(event, **fields): the run
+  folder's events.jsonl (start, progress about once a second, eval with an optional fresh sample,
+  stopped, finished, failed), and the experiment logs --log names (`experiment_logs.py`). Live views
+  read the folder, never the trainer's memory.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -58,6 +63,7 @@ from gptlab.device import (
     warn,
 )
 from gptlab.errors import GptlabError, TrainingInterrupted
+from gptlab.experiment_logs import open_experiment_logs
 from gptlab.model import LanguageModel, build_model
 from gptlab.optim import make_optimizer
 from gptlab.sizing import memorisation_warning
@@ -459,6 +465,14 @@ class Run:
     peak_lrs: list[float]  # each group's own peak: Muon's differs from AdamW's
     losses: dict[str, float] = field(default_factory=lambda: {"train": math.nan, "val": math.nan})
     evaluated_at: int | None = None  # the step of the latest evaluation (or resume point)
+    observers: list[Callable[..., Any]] = field(default_factory=list)  # told every event (rank 0 only)
+    live_sample: Callable[[], str] | None = None  # a fresh sample for each eval event
+    told_at: float = 0.0  # when the last progress event went out
+
+    def tell(self, event: str, **fields: Any) -> None:
+        """Tell every observer (events.jsonl, experiment logs) what happened."""
+        for observer in self.observers:
+            observer(event, **fields)
 
     @property
     def tokens_per_step(self) -> int:
@@ -537,6 +551,11 @@ class Run:
                 ckpt.resume_hint(self.run_dir),
             )
         self.save(state, is_best)
+        if self.observers:
+            sample = self.live_sample() if self.live_sample is not None else None
+            self.tell("eval", step=state.step, tokens_seen=state.tokens_seen, train_loss=round(self.losses["train"], 6),
+                      val_loss=round(self.losses["val"], 6), best=is_best, elapsed_sec=round(state.elapsed, 2),
+                      **({"sample": sample} if sample is not None else {}))
         progress.write(
             f"step {state.step:>6}: train loss {self.losses['train']:.4f}, val loss {self.losses['val']:.4f}"
             f"{' (best so far, saved)' if is_best else ''}"
@@ -556,10 +575,10 @@ class Run:
             self.save(state, is_best=False)
             progress.close()
             nproc = f" --nproc {distributed.world_size()}" if distributed.world_size() > 1 else ""
-            raise TrainingInterrupted(
-                f"stopped at step {state.step} and saved {self.run_dir / rundir.LAST}; "
-                f"continue with `gptlab train --resume {self.run_dir}{nproc}`"
-            )
+            message = (f"stopped at step {state.step} and saved {self.run_dir / rundir.LAST}; "
+                       f"continue with `gptlab train --resume {self.run_dir}{nproc}`")
+            self.tell("stopped", step=state.step, elapsed_sec=round(state.elapsed, 2), message=message)
+            raise TrainingInterrupted(message)
         return finished
 
     def roll_back(self, state: TrainState, progress: Progress) -> TrainState:
@@ -648,6 +667,9 @@ def all_finite(loss: torch.Tensor, grad_norm: torch.Tensor, scaler: torch.amp.Gr
     return distributed.all_ranks(finite)  # every rank skips, or none does
 
 
+PROGRESS_EVERY = 1.0  # seconds between progress events (each costs one loss.item())
+
+
 def log_step(run: Run, state: TrainState, progress: Progress, clock: Clock, meter: Throughput, lr: float,
              loss: torch.Tensor) -> None:
     """Advance the progress output; every `log_interval` steps show the loss, averaged over ranks (a host sync)."""
@@ -660,6 +682,12 @@ def log_step(run: Run, state: TrainState, progress: Progress, clock: Clock, mete
     elapsed = clock.elapsed(now)
     eta = run.budget.eta(state.step, elapsed, run.tokens_per_step / max(rate, 1e-9))
     progress.step(state.step, shown, lr, rate, elapsed, eta)
+    if run.observers and now - run.told_at >= PROGRESS_EVERY:
+        run.told_at = now
+        train_loss = shown if shown is not None else loss.item()
+        run.tell("progress", step=state.step, tokens_seen=state.tokens_seen,
+                 train_loss=round(train_loss, 6) if math.isfinite(train_loss) else None, lr=float(f"{lr:.6g}"),
+                 tokens_per_sec=round(rate, 1), elapsed_sec=round(elapsed, 2), eta_sec=round(eta, 1))
 
 
 def train_steps(run: Run, state: TrainState, progress: Progress, stop: StopRequest) -> tuple[TrainState, list[float]]:
@@ -732,18 +760,53 @@ def train(
         run = build_run(model_cfg, cfg, run_dir, device, weights, splits)
         state = start_state(run, resume, tokenizer, meta, say)
         describe(run, say, quiet)
-        progress = Progress(run.budget.steps, state.step, cfg.log_interval, enabled=not quiet)
-        with StopRequest() as stop:
-            state, step_seconds = train_steps(run, state, progress, stop)
-        say(f"done: {state.step:,} steps in {state.elapsed:,.1f}s, best val loss {state.best_val:.4f}")
         if distributed.is_main():
-            finish_run(run_dir, run.model, tokenizer, cfg, say)
+            run.observers = [rundir.EventLog(run_dir / rundir.EVENTS), *open_experiment_logs(cfg, run_dir)]
+            run.live_sample = live_sampler(run, tokenizer)
+        try:
+            run.tell("start", pid=os.getpid(), step=state.step, resume=resume, total_steps=run.budget.steps,
+                     budget_sec=run.budget.seconds, tokens_per_step=run.tokens_per_step,
+                     params=run.model.num_params(), shape=model_cfg.describe(), data=cfg.data,
+                     device=str(device), dtype=str(run.dtype).replace("torch.", ""), threads=torch.get_num_threads())
+            progress = Progress(run.budget.steps, state.step, cfg.log_interval, enabled=not quiet)
+            with StopRequest() as stop:
+                state, step_seconds = train_steps(run, state, progress, stop)
+            say(f"done: {state.step:,} steps in {state.elapsed:,.1f}s, best val loss {state.best_val:.4f}")
+            if distributed.is_main():
+                finish_run(run_dir, run.model, tokenizer, cfg, say)
+            run.tell("finished", step=state.step, elapsed_sec=round(state.elapsed, 2),
+                     best_val_loss=round(state.best_val, 6))
+        except TrainingInterrupted:
+            raise
+        except BaseException as e:
+            run.tell("failed", error=str(e) or type(e).__name__)
+            raise
+        finally:
+            for observer in run.observers:
+                close = getattr(observer, "close", None)
+                if close is not None:
+                    close()
     distributed.teardown()
     return TrainResult(
         run_dir=run_dir, steps=state.step, best_val_loss=state.best_val, final_train_loss=run.losses["train"],
         final_val_loss=run.losses["val"], tokens_seen=state.tokens_seen, elapsed_sec=state.elapsed,
         num_params=run.model.num_params(), step_seconds=step_seconds,
     )
+
+
+def live_sampler(run: Run, tokenizer: Tokenizer) -> Callable[[], str] | None:
+    """A function drawing one short sample from the model as it is (for eval events), or None when off."""
+    if run.cfg.live_sample_tokens < 1:
+        return None
+
+    def sample() -> str:
+        from gptlab.report import sample_text
+
+        text = sample_text(run.model, tokenizer, run.cfg.live_sample_tokens, seed=run.cfg.seed)
+        run.model.train()
+        return text
+
+    return sample
 
 
 def finish_run(run_dir: Path, model: LanguageModel, tokenizer: Any, cfg: TrainConfig, say: Any) -> None:
