@@ -20,6 +20,7 @@ LAYERS = [
     ["generation", "evaluate", "report", "experiment_logs"],
     ["train", "hf"],
     ["pipeline", "serve"],
+    ["ui"],
     ["cli", "__main__", "__init__"],
 ]
 
