@@ -35,10 +35,11 @@ def upload_listing(folder: str | Path) -> list[tuple[str, int]]:
     return files
 
 def push(folder: str | Path, repo_id: str, private: bool = False, space: bool = False, dry_run: bool = False,
-         message: str = "Upload with gptlab") -> tuple[str, list[tuple[str, int]]]:
+         message: str = "Upload with gptlab", token: str | None = None) -> tuple[str, list[tuple[str, int]]]:
     """Upload `folder` to the Hub repo `repo_id` (created if needed); returns its URL and the files.
 
-    The token comes from HF_TOKEN or `hf auth login`. With `dry_run` nothing leaves the machine.
+    The token is `token` when given (held in memory only), else HF_TOKEN or `hf auth login`'s.
+    With `dry_run` nothing leaves the machine.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -66,7 +67,8 @@ def push(folder: str | Path, repo_id: str, private: bool = False, space: bool = 
         raise GptlabError('pushing needs huggingface_hub; pip install "gptlab[hf]"') from None
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise GptlabError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it and try again")
-    token = huggingface_hub.get_token()
+    if token is None:
+        token = huggingface_hub.get_token()
     if not token:
         raise GptlabError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again")
     endpoint = huggingface_hub.constants.ENDPOINT
