@@ -192,6 +192,20 @@ def add_model_commands(sub: Any) -> None:
     sv.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
 
+    ui = sub.add_parser("ui", help="one web page for everything: data, training (live), runs, generate, share",
+                        description="Open the app: upload text, prepare it, train and watch it live, compare runs, "
+                                    "generate, share. Training jobs run as separate processes, one at a time.")
+    ui.add_argument("--runs", default="runs", metavar="DIR", help="the runs folder (default: 'runs')")
+    ui.add_argument("--data", default="data", metavar="DIR",
+                    help="the data folder: prepared data, and uploads in DIR/uploads (default: 'data')")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: '127.0.0.1')")
+    ui.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default: 8000)")
+    ui.add_argument("--api-key", default=os.environ.get("GPTLAB_API_KEY"),
+                    help="require this key on the page and Authorization: Bearer KEY on /v1 and /ui/api "
+                         "(default: $GPTLAB_API_KEY, else none)")
+    ui.add_argument("--max-upload-mb", type=float, default=50.0, help="largest text file accepted, in MB (default: 50)")
+    ui.add_argument("--device", default="auto", help="where generation runs: auto, cpu, cuda, cuda:N or mps (default: 'auto')")
+
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from gptlab.data import prepare
@@ -413,6 +427,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from gptlab.ui.app import ui
+
+    ui(args.runs, args.data, host=args.host, port=args.port, api_key=args.api_key, max_upload_mb=args.max_upload_mb,
+       device=args.device)
+    return 0
+
+
 def cmd_help(args: argparse.Namespace) -> int:
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
@@ -426,7 +448,7 @@ def cmd_help(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"help": cmd_help, "prepare": cmd_prepare, "train": cmd_train, "info": cmd_info,
-            "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot, "serve": cmd_serve,
+            "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot, "serve": cmd_serve, "ui": cmd_ui,
             "export": cmd_export, "push": cmd_push}
 
 

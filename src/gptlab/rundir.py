@@ -153,10 +153,32 @@ def is_run_dir(path: Path) -> bool:
     return (path / CONFIG).is_file() or (path / LAST).is_file() or (path / BEST).is_file()
 
 
+# The subfolders `--log` writes (experiment_logs.py), each with the names in it that gptlab's loggers
+# write: the TensorBoard writer's event files; W&B's run folders, its links to the latest, and the id file.
+LOG_DIRS = {
+    "tensorboard": ("events.out.tfevents.*",),
+    "wandb": ("run-*", "offline-run-*", "latest-run", "debug.log", "debug-internal.log", "gptlab-run-id"),
+}
+
+
 def clear_run_dir(run_dir: Path) -> None:
     """Remove the files of a previous run (only ours, nothing else in the folder)."""
+    import shutil
+    from fnmatch import fnmatch
+
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
+    for folder, patterns in LOG_DIRS.items():
+        if not (run_dir / folder).is_dir():
+            continue
+        for path in (run_dir / folder).iterdir():  # not glob: a link whose target went first still goes
+            if any(fnmatch(path.name, pattern) for pattern in patterns):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        if not any((run_dir / folder).iterdir()):  # a file someone else put there keeps the folder
+            (run_dir / folder).rmdir()
 
 
 def weights_path(run_dir: Path, checkpoint: str) -> Path:
@@ -299,7 +321,7 @@ def training_pid(run_dir: str | Path) -> int | None:
         pid = int((Path(run_dir) / LOCK).read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    return pid if process_alive(pid) else None
 
 
 LOCK = ".gptlab-train.lock"
@@ -331,7 +353,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if owner is not None and _alive(owner):
+                if owner is not None and process_alive(owner):
                     self._undo_dir()
                     raise GptlabError(f"{self.run_dir} is being trained by process {owner}; wait for it to finish, "
                                       f"stop it, or train into another --out") from None
@@ -363,7 +385,7 @@ class RunLock:
         self._undo_dir()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     import os
 
     if pid == os.getpid():

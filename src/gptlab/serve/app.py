@@ -20,7 +20,7 @@ import json
 import secrets
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,26 +32,32 @@ if TYPE_CHECKING:
     from gptlab.serve.models import ServedModel
 
 NEEDED = ("fastapi", "uvicorn", "gradio")
+RAISE_HINT = {"/v1": "raise --max-prompt-chars for longer prompts", "/ui/api": "raise --max-upload-mb for larger files"}
 
 
 class ApiGuard:
-    """ASGI middleware for /v1: the API key, and a ceiling on the body size, before anything is read."""
+    """ASGI middleware for the HTTP APIs: the API key, and a ceiling on the body size, before anything is read.
 
-    def __init__(self, app: Any, api_key: str | None, max_body: int) -> None:
-        self.app, self.api_key, self.max_body = app, api_key, max_body
+    `bodies` maps each guarded path prefix (/v1, and /ui/api under `gptlab ui`) to the most bytes a
+    request body there may have.
+    """
+
+    def __init__(self, app: Any, api_key: str | None, bodies: dict[str, int]) -> None:
+        self.app, self.api_key, self.bodies = app, api_key, bodies
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            error = self.check(dict(scope["headers"]))
+        prefix = next((p for p in self.bodies if scope["path"].startswith(p)), None) if scope["type"] == "http" else None
+        if prefix is not None:
+            error = self.check(dict(scope["headers"]), self.bodies[prefix], prefix)
             if error is not None:
                 await error.response()(scope, receive, send)
                 return
-            receive = await self.read_body(scope, receive, send)
+            receive = await self.read_body(scope, receive, send, self.bodies[prefix], prefix)
             if receive is None:
                 return
         await self.app(scope, receive, send)
 
-    async def read_body(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+    async def read_body(self, scope: dict[str, Any], receive: Any, send: Any, max_body: int, prefix: str) -> Any:
         """The body read here, at most `max_body` bytes whatever the transfer encoding; a `receive` that replays it.
 
         A chunked upload has no Content-Length to check up front, so the ceiling is applied to the
@@ -67,15 +73,15 @@ class ApiGuard:
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body:
-                error = ApiError(413, f"the request body is over {self.max_body:,} bytes, the most this server reads "
-                                      "(raise --max-prompt-chars for longer prompts)", code="body_too_large")
+            if size > max_body:
+                error = ApiError(413, f"the request body is over {max_body:,} bytes, the most this server reads "
+                                      f"({RAISE_HINT[prefix]})", code="body_too_large")
                 await error.response()(scope, receive, send)
                 return None
             parts.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(parts)
-        error = text_error(body)
+        error = text_error(body) if prefix == "/v1" else None  # uploads are checked as files, by the app
         if error is not None:
             await error.response()(scope, receive, send)
             return None
@@ -90,7 +96,7 @@ class ApiGuard:
 
         return replay
 
-    def check(self, headers: dict[bytes, bytes]) -> Any:
+    def check(self, headers: dict[bytes, bytes], max_body: int, prefix: str = "/v1") -> Any:
         """An ApiError for a missing or wrong key or an oversized body, else None."""
         from gptlab.serve.openai_api import ApiError
 
@@ -104,9 +110,9 @@ class ApiGuard:
                 return ApiError(401, "wrong API key: send the key given to gptlab serve --api-key as "
                                      "Authorization: Bearer KEY", code="invalid_api_key")
         length = headers.get(b"content-length", b"0")
-        if length.isdigit() and int(length) > self.max_body:
+        if length.isdigit() and int(length) > max_body:
             return ApiError(413, f"the request body is {int(length):,} bytes; this server reads at most "
-                                 f"{self.max_body:,} (raise --max-prompt-chars for longer prompts)", code="body_too_large")
+                                 f"{max_body:,} ({RAISE_HINT[prefix]})", code="body_too_large")
         return None
 
 
@@ -158,22 +164,35 @@ def _bad_text(value: Any, where: str) -> tuple[str, int] | None:
 def build_app(models: Sequence[ServedModel], limits: Limits | None = None, api_key: str | None = None,
               page: bool = True, api_help: str | None = None) -> Any:
     """The FastAPI app: /v1 (OpenAI-compatible), /health and, unless page=False, the Gradio page at /."""
+    limits = limits or Limits()
+    app = api_app({m.name: m for m in models}, limits, api_key)
+    if page:
+        from gptlab.serve.page import build_page
+
+        mount_page(app, build_page(models, limits, api_help=api_help), api_key)
+    return app
+
+
+def api_app(models: Mapping[str, ServedModel], limits: Limits, api_key: str | None,
+            bodies: dict[str, int] | None = None) -> Any:
+    """A FastAPI app with /v1 for `models` (name -> model, looked up per request) and /health.
+
+    `bodies`: more guarded path prefixes and their body ceilings, for routes the caller adds.
+    """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
 
     from gptlab.serve.openai_api import ApiError, build_router, validation_error_response
 
-    limits = limits or Limits()
-    by_name = {m.name: m for m in models}
-
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
-        for m in models:
+        for m in getattr(models, "loaded", models).values():  # a lazy shelf stops only what it loaded
             m.queue.shutdown()
 
     app = FastAPI(title="gptlab", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.add_middleware(ApiGuard, api_key=api_key, max_body=6 * limits.max_prompt_chars * limits.max_n + 65536)
+    app.add_middleware(ApiGuard, api_key=api_key,
+                       bodies={"/v1": 6 * limits.max_prompt_chars * limits.max_n + 65536, **(bodies or {})})
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Any:
@@ -185,25 +204,27 @@ def build_app(models: Sequence[ServedModel], limits: Limits | None = None, api_k
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        """Up, and what each model is doing."""
-        return {"status": "ok", "models": {name: m.queue.stats() for name, m in by_name.items()}}
+        """Up, and what each loaded model is doing."""
+        loaded = getattr(models, "loaded", models)
+        return {"status": "ok", "models": {name: m.queue.stats() for name, m in loaded.items()}}
 
-    app.include_router(build_router(by_name, limits))
-    if page:
-        import gradio as gr
-
-        from gptlab.serve.page import build_page
-
-        blocks = build_page(models, limits, api_help=api_help)
-        auth = None
-        if api_key is not None:
-            def auth(user: str, password: str) -> bool:
-                return secrets.compare_digest(password.encode(), api_key.encode())
-        gr.mount_gradio_app(
-            app, blocks, path="/", footer_links=["api", "settings"], run_history=False, ssr_mode=False,
-            mcp_server=False, auth=auth, auth_message="Enter the server's API key as the password (any user name).",
-        )
+    app.include_router(build_router(models, limits))
     return app
+
+
+def mount_page(app: Any, blocks: Any, api_key: str | None, max_file_size: int | None = None) -> None:
+    """Mount Gradio `blocks` at / (last, so every API route is matched first), behind the key when there is one."""
+    import gradio as gr
+
+    auth = None
+    if api_key is not None:
+        def auth(user: str, password: str) -> bool:
+            return secrets.compare_digest(password.encode(), api_key.encode())
+    gr.mount_gradio_app(
+        app, blocks, path="/", footer_links=["api", "settings"], run_history=False, ssr_mode=False,
+        mcp_server=False, auth=auth, auth_message="Enter the server's API key as the password (any user name).",
+        max_file_size=max_file_size,
+    )
 
 
 def bind(host: str, port: int) -> socket.socket:

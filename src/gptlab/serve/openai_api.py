@@ -33,7 +33,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,10 +213,14 @@ class Plan:
     include_usage: bool
 
 
-def find_model(models: dict[str, ServedModel], name: str | None) -> ServedModel:
+def find_model(models: Mapping[str, ServedModel], name: str | None) -> ServedModel:
     """The model a request names (the first one served when it names none)."""
     if name is None:
-        return next(iter(models.values()))
+        first = next(iter(models), None)
+        if first is None:
+            raise ApiError(404, "this server has no model yet; train a run first", param="model",
+                           code="model_not_found")
+        return models[first]
     if name not in models:
         raise ApiError(404, f"the model {name!r} does not exist; this server has {', '.join(map(repr, models))} "
                             "(GET /v1/models lists them)", param="model", code="model_not_found")
@@ -338,7 +342,7 @@ def submit(plan: Plan) -> Job:
                        headers={"Retry-After": str(e.retry_after)}) from None
 
 
-def make_plan(models: dict[str, ServedModel], limits: Limits, body: Sampling, prompts: list[str], param: str,
+def make_plan(models: Mapping[str, ServedModel], limits: Limits, body: Sampling, prompts: list[str], param: str,
               default_max: int, max_tokens: int | None, extra_stop: tuple[str, ...] = ()) -> Plan:
     """A request checked against the server: its model, its SampleConfig, its prompts' size."""
     served = find_model(models, body.model)
@@ -356,7 +360,7 @@ def make_plan(models: dict[str, ServedModel], limits: Limits, body: Sampling, pr
     return Plan(served, prompts, config, prompt_tokens, bool(body.stream), include_usage)
 
 
-async def answer_completions(models: dict[str, ServedModel], limits: Limits, body: CompletionRequest,
+async def answer_completions(models: Mapping[str, ServedModel], limits: Limits, body: CompletionRequest,
                              request: Request) -> Any:
     """Continue a prompt (or each of a list of prompts)."""
     for name in ("logprobs", "suffix"):
@@ -398,7 +402,7 @@ async def answer_completions(models: dict[str, ServedModel], limits: Limits, bod
     return chunk(choices, _usage(p.prompt_tokens, tokens))
 
 
-async def answer_chat(models: dict[str, ServedModel], limits: Limits, body: ChatRequest, request: Request) -> Any:
+async def answer_chat(models: Mapping[str, ServedModel], limits: Limits, body: ChatRequest, request: Request) -> Any:
     """Answer a conversation, rendered with the plain chat template."""
     if body.logprobs:
         raise ApiError(400, "logprobs is not supported by this server; leave it out", param="logprobs")
@@ -446,7 +450,7 @@ async def answer_chat(models: dict[str, ServedModel], limits: Limits, body: Chat
     return chunk("chat.completion", choices, _usage(p.prompt_tokens, tokens))
 
 
-def build_router(models: dict[str, ServedModel], limits: Limits) -> APIRouter:
+def build_router(models: Mapping[str, ServedModel], limits: Limits) -> APIRouter:
     """The /v1 routes for `models` (name -> loaded model)."""
     router = APIRouter(prefix="/v1")
 

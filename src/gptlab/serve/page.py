@@ -75,6 +75,47 @@ def controls(limits: Limits) -> list[tuple[str, str, dict[str, Any]]]:
     return out
 
 
+def sampling_inputs(limits: Limits) -> dict[str, Any]:
+    """The sampling controls made in the current Blocks context, by SampleConfig field."""
+    gr = _gradio()
+    return {field: getattr(gr, kind)(label=SAMPLE_FIELD_NAMES[field]["page"], **options)
+            for field, kind, options in controls(limits)}
+
+
+async def stream_text(served: ServedModel, prompt: str, settings: dict[str, Any], limits: Limits) -> AsyncIterator[str]:
+    """The page's generation: the prompt and each sample so far, every UPDATE_EVERY seconds; errors as gr.Error.
+
+    Goes through the model's `GenerationQueue`, as the API does; a Stop (the event cancelled) cancels
+    the job, which ends at its next token.
+    """
+    gr = _gradio()
+    prompt = prompt or ""
+    try:
+        config = page_config(prompt, settings, limits)
+        served.check_memory(config, served.prompt_tokens(prompt))  # unknown characters are named here
+        job = served.queue.submit(lambda: served.work([prompt], config))
+    except SettingError as e:
+        raise gr.Error(e.message_for("page")) from None
+    except GptlabError as e:
+        raise gr.Error(str(e)) from None
+    except Busy as e:
+        raise gr.Error(f"{e} (in about {e.retry_after} s)") from None
+    texts = [""] * config.num_samples
+    shown = 0.0
+    try:
+        async for index, piece, _ in job:
+            texts[index] += piece
+            now = time.monotonic()
+            if now - shown >= UPDATE_EVERY:
+                shown = now
+                yield SEPARATOR.join(prompt + t for t in texts)
+        yield SEPARATOR.join(prompt + t for t in texts)
+    except GptlabError as e:
+        raise gr.Error(str(e)) from None
+    finally:
+        job.cancel()
+
+
 def build_page(models: Sequence[ServedModel], limits: Limits | None = None, title: str = "gptlab",
                api_help: str | None = None) -> Any:
     """A Gradio Blocks page for `models` (launch it, or mount it with `gr.mount_gradio_app`)."""
@@ -87,32 +128,8 @@ def build_page(models: Sequence[ServedModel], limits: Limits | None = None, titl
     examples = [p for p in EXAMPLES if _encodes(first, p)]
 
     async def generate(name: str, prompt: str, **settings: Any) -> AsyncIterator[str]:
-        served = by_name.get(name) or first
-        prompt = prompt or ""
-        try:
-            config = page_config(prompt, settings, limits)
-            served.check_memory(config, served.prompt_tokens(prompt))  # unknown characters are named here
-            job = served.queue.submit(lambda: served.work([prompt], config))
-        except SettingError as e:
-            raise gr.Error(e.message_for("page")) from None
-        except GptlabError as e:
-            raise gr.Error(str(e)) from None
-        except Busy as e:
-            raise gr.Error(f"{e} (in about {e.retry_after} s)") from None
-        texts = [""] * config.num_samples
-        shown = 0.0
-        try:
-            async for index, piece, _ in job:
-                texts[index] += piece
-                now = time.monotonic()
-                if now - shown >= UPDATE_EVERY:
-                    shown = now
-                    yield SEPARATOR.join(prompt + t for t in texts)
-            yield SEPARATOR.join(prompt + t for t in texts)
-        except GptlabError as e:
-            raise gr.Error(str(e)) from None
-        finally:
-            job.cancel()
+        async for text in stream_text(by_name.get(name) or first, prompt, settings, limits):
+            yield text
 
     def describe(name: str) -> tuple[str, str | None]:
         served = by_name.get(name) or first
@@ -133,8 +150,7 @@ def build_page(models: Sequence[ServedModel], limits: Limits | None = None, titl
                     output = gr.Textbox(label="Generated text", lines=16, max_lines=40, buttons=["copy"],
                                         interactive=False, elem_id="output")
                 with gr.Column(scale=2):
-                    settings = {field: getattr(gr, kind)(label=SAMPLE_FIELD_NAMES[field]["page"], **options)
-                                for field, kind, options in controls(limits)}
+                    settings = sampling_inputs(limits)
             if examples:
                 gr.Examples([[e] for e in examples], inputs=[prompt], label="Example prompts")
         with gr.Tab("Model"):

@@ -1,0 +1,76 @@
+"""The runs of the app's runs folder as the served models of the page's Generate tab and of /v1, loaded on first use.
+
+A run is loaded when first asked for, and loaded again when its weights file changed (a job went on
+training it). Names are folder names inside the runs folder and nothing else: a name that is not one
+of them is simply not there.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from gptlab import rundir
+from gptlab.folders import folder_kind
+from gptlab.serve.limits import GenerationQueue, Limits
+from gptlab.serve.models import ServedModel
+
+
+class LoadedRuns(Mapping[str, ServedModel]):
+    """name -> ServedModel for every run in `runs_dir` with weights; each loaded on first access."""
+
+    def __init__(self, runs_dir: Path, limits: Limits, threads: int, device: str = "auto") -> None:
+        self.runs_dir, self.limits, self.threads, self.device = runs_dir, limits, threads, device
+        self.loaded: dict[str, ServedModel] = {}
+        self.stamps: dict[str, tuple[str, float]] = {}
+        self.lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        """Runs that have weights to sample, newest first."""
+        found = [p for p in self.runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                 and folder_kind(p) == "run" and rundir.weights_path(p, "best").is_file()] \
+            if self.runs_dir.is_dir() else []
+        return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.names()
+
+    def __getitem__(self, name: str) -> ServedModel:
+        if name not in self:
+            raise KeyError(name)
+        run_dir = self.runs_dir / name
+        weights = rundir.weights_path(run_dir, "best")
+        stamp = (weights.name, weights.stat().st_mtime)
+        with self.lock:
+            served = self.loaded.get(name)
+            if served is None or self.stamps.get(name) != stamp:
+                served = self._load(name, run_dir, served)
+                self.stamps[name] = stamp
+            return served
+
+    def _load(self, name: str, run_dir: Path, previous: ServedModel | None) -> ServedModel:
+        from gptlab.generation import load
+
+        files = rundir.check_run(run_dir, "best")
+        tm = load(run_dir, "best", self.device, files=files)
+        queue = previous.queue if previous is not None else GenerationQueue(
+            self.limits.concurrency, self.limits.queue_size, self.threads, name)
+        served = ServedModel(name=name, model=tm, queue=queue, summary=rundir.run_summary(run_dir, files),
+                             created=int((run_dir / rundir.CONFIG).stat().st_mtime))
+        self.loaded[name] = served
+        return served
+
+    def forget(self, name: str) -> None:
+        """Drop a loaded run (it was deleted)."""
+        with self.lock:
+            served = self.loaded.pop(name, None)
+            self.stamps.pop(name, None)
+        if served is not None:
+            served.queue.shutdown()
