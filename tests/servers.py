@@ -25,14 +25,15 @@ STARTUP_TIMEOUT = 120.0
 
 
 class Server:
-    """`python -m gptlab serve ARGS --port 0` in a subprocess; `url` once its banner is printed."""
+    """`python -m gptlab serve ARGS --port 0` (or another serving `command`) in a subprocess; `url` once its banner is printed."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.args = [sys.executable, "-m", "gptlab", "serve", *map(str, args), "--port", "0"]
+    def __init__(self, *args: str, env: dict[str, str] | None = None, command: str = "serve",
+                 cwd: str | Path | None = None) -> None:
+        self.args = [sys.executable, "-m", "gptlab", command, *map(str, args), "--port", "0"]
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
                     "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=self.env, start_new_session=True)
+                                     env=self.env, start_new_session=True, cwd=cwd)
         self.lines: list[str] = []
         self.ready = threading.Event()
         self.url = ""

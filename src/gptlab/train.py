@@ -63,7 +63,7 @@ from gptlab.device import (
     warn,
 )
 from gptlab.errors import GptlabError, TrainingInterrupted
-from gptlab.experiment_logs import open_experiment_logs
+from gptlab.experiment_logs import check_experiment_logs, open_experiment_logs
 from gptlab.model import LanguageModel, build_model
 from gptlab.optim import make_optimizer
 from gptlab.sizing import memorisation_warning
@@ -753,6 +753,8 @@ def train(
     say = (lambda *a, **k: None) if quiet else (lambda text: print(text, flush=True))
     model_cfg, tokenizer, weights, meta = read_inputs(model_cfg, cfg, resume, init)
     splits = load_splits(cfg.data, model_cfg.block_size)
+    if distributed.is_main():
+        check_experiment_logs(cfg.log)  # before the run folder is touched: a bad --log leaves nothing behind
     run_dir = open_run_dir(cfg, resume, overwrite)
     cfg = replace(cfg, out=str(run_dir))
     device = distributed.device_for_rank(autodetect_device(cfg.device))

@@ -30,6 +30,8 @@ AUTO = "auto (gptlab picks)"
 CUSTOM = "custom"
 TOKENIZERS = ("char", "byte", "gpt2", "bpe")
 POLL_SEC = 1.0
+LOSS_COLUMNS = {"step": float, "tokens seen": float, "loss": float, "series": str}
+COMPARE_COLUMNS = {"step": float, "val loss": float, "run": str}
 RUN_COLUMNS = ["run", "data", "tokenizer", "parameters", "steps", "best val", "time", "status"]
 
 
@@ -104,7 +106,6 @@ def describe_status(status: dict[str, Any]) -> str:
 
 def loss_points(status: dict[str, Any], x: str) -> Any:
     """The live chart's points: train and val loss at each evaluation, and the running train loss."""
-    import pandas as pd
 
     rows = []
     for e in status.get("evals") or []:
@@ -115,7 +116,14 @@ def loss_points(status: dict[str, Any], x: str) -> Any:
         if e.get("train_loss") is not None:
             rows.append({"step": e["step"], "tokens seen": e["tokens_seen"], "loss": e["train_loss"],
                          "series": "train (running)"})
-    return pd.DataFrame(rows, columns=["step", "tokens seen", "loss", "series"])
+    return points_table(rows, LOSS_COLUMNS)
+
+
+def points_table(rows: list[dict[str, Any]], columns: dict[str, type]) -> Any:
+    """A table of chart points with typed columns (so the chart's axes are numeric)."""
+    import pandas as pd
+
+    return pd.DataFrame({name: pd.Series([r[name] for r in rows], dtype=kind) for name, kind in columns.items()})
 
 
 def build_ui_page(studio: Studio, title: str = "gptlab ui") -> Any:
@@ -202,7 +210,8 @@ def build_ui_page(studio: Studio, title: str = "gptlab ui") -> Any:
 
     def plan_of(data: str, preset: str, n_layer: Any, n_head: Any, n_embd: Any, block_size: Any, arch: str,
                 budget_kind: str, budget: Any, optimizer: str, lr: Any, eval_interval: Any, run: str) -> Any:
-        settings: dict[str, Any] = {"learning_rate": lr, "eval_interval": eval_interval}
+        # a cleared number box reads as 0 or None: both mean "the shape's own"
+        settings: dict[str, Any] = {"learning_rate": lr or None, "eval_interval": eval_interval or None}
         if optimizer in ("adamw", "muon"):
             settings["optimizer"] = optimizer
         if preset == CUSTOM:
@@ -258,7 +267,7 @@ def build_ui_page(studio: Studio, title: str = "gptlab ui") -> Any:
             return gr.skip(), gr.skip(), gr.skip(), shown
         count = len(status["evals"]) + len(status["points"])
         chart = gr.skip()
-        if count != shown:
+        if count != shown and count:  # (a chart first drawn empty never draws its lines: Gradio 6)
             chart = gr.update(value=loss_points(status, x), x=x)
         sample = status.get("sample")
         return describe_status(status), chart, sample if sample is not None else gr.skip(), count
@@ -282,7 +291,7 @@ def build_ui_page(studio: Studio, title: str = "gptlab ui") -> Any:
         return (runs_table(), gr.update(choices=names, value=keep), gr.update(choices=names),
                 gr.update(choices=sampled, value=sampled[0] if sampled else None))
 
-    def compare(selected: list[str]) -> Any:
+    def compare(selected: list[str]) -> Any:  # None when empty: see `poll`
         from gptlab.rundir import read_metrics
 
         rows = []
@@ -294,7 +303,7 @@ def build_ui_page(studio: Studio, title: str = "gptlab ui") -> Any:
             for r in read_metrics(run_dir):
                 if not math.isnan(r["val_loss"]):
                     rows.append({"step": r["step"], "val loss": r["val_loss"], "run": name})
-        return pd.DataFrame(rows, columns=["step", "val loss", "run"])
+        return points_table(rows, COMPARE_COLUMNS) if rows else None
 
     def delete(name: str, sure: bool, selected: list[str]) -> tuple[str, Any, Any, Any, Any, Any]:
         if not name:
@@ -402,8 +411,8 @@ def build_ui_page(studio: Studio, title: str = "gptlab ui") -> Any:
                         with gr.Row():
                             optimizer = gr.Dropdown(["(shape's own)", "adamw", "muon"], value="(shape's own)",
                                                     label="Optimizer")
-                            lr = gr.Number(None, label="Learning rate (blank: the shape's)")
-                            eval_interval = gr.Number(None, label="Evaluate every N steps (blank: the shape's)",
+                            lr = gr.Number(None, label="Learning rate (0: the shape's)")
+                            eval_interval = gr.Number(None, label="Evaluate every N steps (0: the shape's)",
                                                       precision=0, elem_id="eval-interval")
                         run_name = gr.Textbox(label="Run name (blank: automatic)", elem_id="run-name")
                         plan = gr.Markdown(elem_id="plan")
@@ -414,7 +423,7 @@ def build_ui_page(studio: Studio, title: str = "gptlab ui") -> Any:
                     with gr.Column(scale=3):
                         status = gr.Markdown("Nothing is training.", elem_id="train-status")
                         x_axis = gr.Radio(["step", "tokens seen"], value="step", label="x axis")
-                        chart = gr.LinePlot(pd.DataFrame(columns=["step", "tokens seen", "loss", "series"]),
+                        chart = gr.LinePlot(None,
                                             x="step", y="loss", color="series", title="Loss", height=320,
                                             elem_id="loss-chart")
                         sample = gr.Textbox(label="Latest sample (at the last evaluation)", lines=8,
@@ -425,7 +434,7 @@ def build_ui_page(studio: Studio, title: str = "gptlab ui") -> Any:
                 with gr.Row():
                     with gr.Column():
                         compare_pick = gr.CheckboxGroup(run_names, label="Compare val curves", elem_id="compare")
-                        compare_chart = gr.LinePlot(pd.DataFrame(columns=["step", "val loss", "run"]), x="step",
+                        compare_chart = gr.LinePlot(None, x="step",
                                                     y="val loss", color="run", title="Validation loss", height=300)
                     with gr.Column():
                         picked = gr.Dropdown(run_names, label="Run", elem_id="runs-pick")
