@@ -99,6 +99,8 @@ def test_the_whole_path_in_a_real_browser(chromium, shakespeare_text, tmp_path):
                 page.get_by_role("tab", name="Runs").click()
                 expect(page.locator("#runs-table")).to_contain_text("first", timeout=30_000)
                 expect(page.locator("#runs-table")).to_contain_text("finished", timeout=30_000)
+                page.locator("#compare").get_by_label("first").check()
+                expect(page.locator("#compare-chart")).to_contain_text("val loss", timeout=30_000)
                 page.screenshot(path=str(shots / "ui-runs.png"), full_page=True)
 
                 # Generate from the new run.

@@ -284,12 +284,11 @@ def build_ui_page(studio: Studio, title: str = "gptlab ui") -> Any:
                          r["status"]])
         return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
-    def refresh_runs(selected: list[str] | None) -> tuple[Any, Any, Any, Any]:
+    def refresh_runs(selected: list[str] | None, picked_now: str | None, model_now: str | None) -> tuple[Any, ...]:
         names = [r["name"] for r in ws.runs()]
-        sampled = list(studio.models)
         keep = [n for n in (selected or []) if n in names]
-        return (runs_table(), gr.update(choices=names, value=keep), gr.update(choices=names),
-                gr.update(choices=sampled, value=sampled[0] if sampled else None))
+        return (runs_table(), gr.update(choices=names, value=keep), _pick(names, picked_now),
+                _pick(list(studio.models), model_now))
 
     def compare(selected: list[str]) -> Any:  # None when empty: see `poll`
         from gptlab.rundir import read_metrics
@@ -314,7 +313,7 @@ def build_ui_page(studio: Studio, title: str = "gptlab ui") -> Any:
             studio.delete(name)
         except GptlabError as e:
             raise fail(e) from None
-        return (f"deleted {name}", gr.update(value=False), *refresh_runs([n for n in selected or [] if n != name]))
+        return (f"deleted {name}", gr.update(value=False), *refresh_runs(selected, None, None))
 
     # ---- Generate
 
@@ -434,8 +433,8 @@ def build_ui_page(studio: Studio, title: str = "gptlab ui") -> Any:
                 with gr.Row():
                     with gr.Column():
                         compare_pick = gr.CheckboxGroup(run_names, label="Compare val curves", elem_id="compare")
-                        compare_chart = gr.LinePlot(None, x="step",
-                                                    y="val loss", color="run", title="Validation loss", height=300)
+                        compare_chart = gr.LinePlot(None, x="step", y="val loss", color="run", title="Validation loss",
+                                                    height=300, elem_id="compare-chart")
                     with gr.Column():
                         picked = gr.Dropdown(run_names, label="Run", elem_id="runs-pick")
                         with gr.Row():
@@ -496,7 +495,8 @@ def build_ui_page(studio: Studio, title: str = "gptlab ui") -> Any:
                    show_progress="hidden", concurrency_limit=None)
         x_axis.change(lambda: -1, None, shown_points)
         # Runs
-        refresh.click(refresh_runs, compare_pick, [table, compare_pick, picked, model])
+        listed = [table, compare_pick, picked, model]
+        refresh.click(refresh_runs, [compare_pick, picked, model], listed)
         compare_pick.change(compare, compare_pick, compare_chart)
         open_button.click(lambda name: (gr.update(choices=list(studio.models), value=name), gr.Tabs(selected="generate")),
                           picked, [model, tabs])
@@ -514,8 +514,8 @@ def build_ui_page(studio: Studio, title: str = "gptlab ui") -> Any:
         gguf_button.click(lambda name: share(name, "gguf"), share_run, download)
         push_button.click(push, [share_run, repo_id, token, push_kind, private], pushed)
         # Lists that other tabs change are refreshed when a tab opens.
-        page.load(refresh_runs, compare_pick, [table, compare_pick, picked, model])
-        runs_tab.select(refresh_runs, compare_pick, [table, compare_pick, picked, model], show_progress="hidden")
+        page.load(refresh_runs, [compare_pick, picked, model], listed)
+        runs_tab.select(refresh_runs, [compare_pick, picked, model], listed, show_progress="hidden")
         train_tab.select(lambda d: gr.update(choices=[f["name"] for f in ws.data_folders()], value=d), data_choice,
                          data_choice, show_progress="hidden")
         generate_tab.select(lambda m: _pick(list(studio.models), m), model, model, show_progress="hidden")
