@@ -222,7 +222,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import signal
+
     from gptlab import distributed
+
+    for lend in ("SIGUSR1", "SIGUSR2"):  # core-lending requests (train.CoreShare) are harmless before it listens
+        if hasattr(signal, lend):
+            signal.signal(getattr(signal, lend), signal.SIG_IGN)
     from gptlab.config import ModelConfig, TrainConfig
     from gptlab.pipeline import run_training, training_settings
 

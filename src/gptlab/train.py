@@ -26,7 +26,8 @@ Design choices:
   batch and keeps its slice (see `RandomBatches`), rank 0 alone prints and writes the run folder,
   and each rank's RNG state is gathered into the checkpoint (gptlab/distributed.py has the rest).
 - Ctrl-C and SIGTERM become a flag checked between steps (`StopRequest`): the run saves `last` and
-  stops with the command that resumes it.
+  stops with the command that resumes it. SIGUSR1 and SIGUSR2 lend a core to another process and
+  take it back (`CoreShare`, what `gptlab ui` asks for while it generates).
 - What happens is told to `Run.observers`, each called as observer(event, **fields): the run
   folder's events.jsonl (start, progress about once a second, eval with an optional fresh sample,
   stopped, finished, failed), and the experiment logs --log names (`experiment_logs.py`). Live views
@@ -262,6 +263,48 @@ class StopRequest:
 
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class CoreShare:
+    """Lends one core to another process on request: SIGUSR1 asks for it, SIGUSR2 gives it back.
+
+    `gptlab ui` generates text in its server while a job trains: two processes that both use every
+    core slow each other 4-40x (each thread of a parallel region waits for the slowest, which is
+    descheduled), so while the server generates, the trainer runs on one thread fewer. The thread
+    count changes between steps, never inside one.
+    """
+
+    def __init__(self) -> None:
+        self.full = torch.get_num_threads()
+        self.wanted = self.full
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> CoreShare:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
+            for sig in (signal.SIGUSR1, signal.SIGUSR2):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        self.wanted = max(1, self.full - 1) if signum == signal.SIGUSR1 else self.full
+
+    def apply(self) -> None:
+        """Between steps: run on the threads asked for."""
+        if self.wanted != torch.get_num_threads():
+            torch.set_num_threads(self.wanted)
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if torch.get_num_threads() != self.full:
+            torch.set_num_threads(self.full)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -687,10 +730,12 @@ def log_step(run: Run, state: TrainState, progress: Progress, clock: Clock, mete
         train_loss = shown if shown is not None else loss.item()
         run.tell("progress", step=state.step, tokens_seen=state.tokens_seen,
                  train_loss=round(train_loss, 6) if math.isfinite(train_loss) else None, lr=float(f"{lr:.6g}"),
-                 tokens_per_sec=round(rate, 1), elapsed_sec=round(elapsed, 2), eta_sec=round(eta, 1))
+                 tokens_per_sec=round(rate, 1), elapsed_sec=round(elapsed, 2), eta_sec=round(eta, 1),
+                 threads=torch.get_num_threads())
 
 
-def train_steps(run: Run, state: TrainState, progress: Progress, stop: StopRequest) -> tuple[TrainState, list[float]]:
+def train_steps(run: Run, state: TrainState, progress: Progress, stop: StopRequest,
+                cores: CoreShare | None = None) -> tuple[TrainState, list[float]]:
     """The loop, until the budget is spent or the target loss reached; returns the final state and step times."""
     cfg, model, optimizer, scaler = run.cfg, run.model, run.optimizer, run.scaler
     clock, meter = Clock(state.elapsed), Throughput()
@@ -731,6 +776,8 @@ def train_steps(run: Run, state: TrainState, progress: Progress, stop: StopReque
                 state, bad_streak = run.roll_back(state, progress), 0
                 meter.restart()
         finished = run.between_steps(state, clock, stop, progress)
+        if cores is not None:
+            cores.apply()
     progress.close()
     state.elapsed = clock.elapsed()
     return state, step_seconds
@@ -766,16 +813,18 @@ def train(
             run.observers = [rundir.EventLog(run_dir / rundir.EVENTS), *open_experiment_logs(cfg, run_dir)]
             run.live_sample = live_sampler(run, tokenizer)
         try:
-            run.tell("start", pid=os.getpid(), step=state.step, resume=resume, total_steps=run.budget.steps,
-                     budget_sec=run.budget.seconds, tokens_per_step=run.tokens_per_step,
-                     params=run.model.num_params(), shape=model_cfg.describe(), data=cfg.data,
-                     device=str(device), dtype=str(run.dtype).replace("torch.", ""), threads=torch.get_num_threads())
-            progress = Progress(run.budget.steps, state.step, cfg.log_interval, enabled=not quiet)
-            with StopRequest() as stop:
-                state, step_seconds = train_steps(run, state, progress, stop)
-            say(f"done: {state.step:,} steps in {state.elapsed:,.1f}s, best val loss {state.best_val:.4f}")
-            if distributed.is_main():
-                finish_run(run_dir, run.model, tokenizer, cfg, say)
+            # Both listen before the start event (`gptlab ui` signals after it). A stop asked for after
+            # the last step changes nothing: the run is complete and says so.
+            with StopRequest() as stop, CoreShare() as cores:
+                run.tell("start", pid=os.getpid(), step=state.step, resume=resume, total_steps=run.budget.steps,
+                         budget_sec=run.budget.seconds, tokens_per_step=run.tokens_per_step,
+                         params=run.model.num_params(), shape=model_cfg.describe(), data=cfg.data, device=str(device),
+                         dtype=str(run.dtype).replace("torch.", ""), threads=torch.get_num_threads())
+                progress = Progress(run.budget.steps, state.step, cfg.log_interval, enabled=not quiet)
+                state, step_seconds = train_steps(run, state, progress, stop, cores)
+                say(f"done: {state.step:,} steps in {state.elapsed:,.1f}s, best val loss {state.best_val:.4f}")
+                if distributed.is_main():
+                    finish_run(run_dir, run.model, tokenizer, cfg, say)
             run.tell("finished", step=state.step, elapsed_sec=round(state.elapsed, 2),
                      best_val_loss=round(state.best_val, 6))
         except TrainingInterrupted:

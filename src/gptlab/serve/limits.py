@@ -105,8 +105,11 @@ class _Failure:
 class GenerationQueue:
     """At most `concurrency` generations of one model at a time, `queue_size` more waiting, the rest refused."""
 
-    def __init__(self, concurrency: int, queue_size: int, threads: int = 1, name: str = "model") -> None:
+    def __init__(self, concurrency: int, queue_size: int, threads: int = 1, name: str = "model",
+                 on_busy: Callable[[bool], None] | None = None) -> None:
+        """`on_busy(True)` is called as each generation starts and `on_busy(False)` as it ends (worker threads)."""
         self.concurrency = concurrency
+        self.on_busy = on_busy
         self.queue_size = queue_size
         self.name = name
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix=f"gptlab-{name}",
@@ -165,6 +168,8 @@ class GenerationQueue:
         start = time.perf_counter()
         ran = not job.cancelled.is_set()
         job.started.set()
+        if ran and self.on_busy is not None:
+            self.on_busy(True)
         try:
             if ran:
                 items = work()
@@ -180,6 +185,8 @@ class GenerationQueue:
         except BaseException as e:  # handed to the consumer, which turns it into an error response
             job.put(_Failure(e))
         finally:
+            if ran and self.on_busy is not None:
+                self.on_busy(False)
             job.put(_DONE)
             with self.lock:
                 self.running -= 1

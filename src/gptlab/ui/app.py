@@ -78,8 +78,8 @@ def banner(url: str, host: str, studio: Any, api_key: str | None) -> str:
         f"  page    {url}/  (data, training, runs, generate, share)",
         f"  folders runs in {ws.runs_dir}, data and uploads in {ws.data_dir}",
         f"  API     {url}/v1 (OpenAI-compatible, every run by name), {url}/ui/api (jobs)",
-        f"  cores   training jobs get {studio.jobs.threads} thread(s), generation the rest; one job at a time, "
-        "the rest queued",
+        f"  cores   a training job gets {studio.jobs.threads} thread(s) and lends one while the page or the API "
+        "generates; one job at a time, the rest queued",
     ]
     if api_key is not None:
         lines.append("  key     /v1 and /ui/api need Authorization: Bearer <your --api-key>; the page asks for it")

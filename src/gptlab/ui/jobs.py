@@ -12,9 +12,12 @@ Design choices:
   shows as failed, with the last lines of its log, and `--resume` continues it from its last save.
 - Stop is SIGINT, the trainer's own Ctrl-C: it finishes the step, saves `last`, and exits with the
   command that resumes it. A queued job that is stopped leaves the queue.
-- Cores are shared by design: a training job gets all cores but one (`TRAIN_THREADS`), the server's
-  generations the last one, so sampling a run on the page while another trains costs the trainer a
-  core's worth of speed rather than the 4-40x that two processes fighting over every core cost.
+- Cores are shared by design. Two processes that each use every core slow each other 4-40x (each
+  thread of a parallel region waits for the slowest, which is descheduled). A training job gets
+  every core while nothing else runs; when the server starts a generation (on one thread), the
+  trainer is asked to lend it a core (SIGUSR1, `train.CoreShare`), and it gets the core back
+  (SIGUSR2) once no generation has run for `GIVE_BACK_SEC`. Sampling while a model trains then
+  costs the trainer about one core's share, for as long as it lasts.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from gptlab.fsutil import atomic_write_text
 JOB = "job.json"
 LOG = "train.log"
 POLL_SEC = 0.5
+GIVE_BACK_SEC = 2.0  # without a generation for this long, the trainer gets its lent core back
 
 
 class JobConflict(GptlabError):
@@ -43,15 +47,11 @@ class JobConflict(GptlabError):
 
 
 def train_threads(cores: int | None = None) -> int:
-    """Intra-op threads for a training job: every core but one, which generation keeps (one on one core)."""
-    cores = cores or os.cpu_count() or 1
-    return max(1, cores - 1)
+    """Intra-op threads for a training job: every core (one is lent while the server generates)."""
+    return cores or os.cpu_count() or 1
 
 
-def generation_threads(cores: int | None = None) -> int:
-    """Intra-op threads for the server's generations while the app runs: the core training leaves."""
-    cores = cores or os.cpu_count() or 1
-    return 1 if cores <= 4 else max(1, cores // 4)
+GENERATION_THREADS = 1  # the core a trainer lends (one generation at a time; small models decode on one anyway)
 
 
 def read_job(run_dir: Path) -> dict[str, Any] | None:
@@ -87,6 +87,9 @@ class Jobs:
         self.lock = threading.RLock()
         self.children: dict[str, subprocess.Popen] = {}  # jobs this server started (to reap them)
         self.closed = threading.Event()
+        self.generations = 0  # running now, in the server
+        self.idle_since: float | None = None
+        self.lent_by: int | None = None  # the trainer that lent a core, until it gets it back
         self.worker = threading.Thread(target=self._loop, name="gptlab-jobs", daemon=True)
         self.worker.start()
 
@@ -154,8 +157,47 @@ class Jobs:
         return out
 
     def close(self) -> None:
-        """Stop watching (jobs keep training; a restarted server finds them again)."""
+        """Stop watching (jobs keep training; a restarted server finds them again), giving back a lent core."""
         self.closed.set()
+        with self.lock:
+            self._give_back()
+
+    def generating(self, busy: bool) -> None:
+        """The server started (True) or ended (False) a generation: borrow a core from the trainer meanwhile."""
+        with self.lock:
+            self.generations = max(0, self.generations + (1 if busy else -1))
+            self.idle_since = None if self.generations else time.monotonic()
+            if busy:
+                self._borrow()
+
+    def _borrow(self) -> None:
+        pid = self._trainer()
+        if pid is not None and pid != self.lent_by:
+            self._give_back()
+            if _signal(pid, signal.SIGUSR1):
+                self.lent_by = pid
+
+    def _give_back(self) -> None:
+        if self.lent_by is not None:
+            _signal(self.lent_by, signal.SIGUSR2)
+            self.lent_by = None
+
+    def _share_cores(self) -> None:
+        """Each poll: a trainer started during a generation lends its core; an idle server gives it back."""
+        if self.generations:
+            self._borrow()
+        elif self.lent_by is not None and self.idle_since is not None and \
+                time.monotonic() - self.idle_since >= GIVE_BACK_SEC:
+            self._give_back()
+
+    def _trainer(self) -> int | None:
+        """The training process, once it listens for core requests (after its start event)."""
+        for run_dir in self._job_dirs():
+            pid = self._pid(run_dir, read_job(run_dir))
+            if pid is not None:
+                starts = [e for e in rundir.read_events(run_dir) if e["event"] == "start"]
+                return pid if starts and starts[-1].get("pid") == pid else None
+        return None
 
     # ---- the queue
 
@@ -165,6 +207,7 @@ class Jobs:
                 with self.lock:
                     self._reap()
                     self._start_next()
+                    self._share_cores()
             except Exception as e:  # the watcher must outlive any one bad folder
                 print(f"gptlab ui: job watcher: {e}", file=sys.stderr, flush=True)
 
@@ -242,6 +285,14 @@ class Jobs:
             return int(raw["train"].get("live_sample_tokens") or 0)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return 0
+
+
+def _signal(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _last_session(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ of them is simply not there.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from gptlab import rundir
@@ -20,8 +20,10 @@ from gptlab.serve.models import ServedModel
 class LoadedRuns(Mapping[str, ServedModel]):
     """name -> ServedModel for every run in `runs_dir` with weights; each loaded on first access."""
 
-    def __init__(self, runs_dir: Path, limits: Limits, threads: int, device: str = "auto") -> None:
+    def __init__(self, runs_dir: Path, limits: Limits, threads: int, device: str = "auto",
+                 on_busy: Callable[[bool], None] | None = None) -> None:
         self.runs_dir, self.limits, self.threads, self.device = runs_dir, limits, threads, device
+        self.on_busy = on_busy  # told when any generation starts and ends
         self.loaded: dict[str, ServedModel] = {}
         self.stamps: dict[str, tuple[str, float]] = {}
         self.lock = threading.Lock()
@@ -61,7 +63,7 @@ class LoadedRuns(Mapping[str, ServedModel]):
         files = rundir.check_run(run_dir, "best")
         tm = load(run_dir, "best", self.device, files=files)
         queue = previous.queue if previous is not None else GenerationQueue(
-            self.limits.concurrency, self.limits.queue_size, self.threads, name)
+            self.limits.concurrency, self.limits.queue_size, self.threads, name, self.on_busy)
         served = ServedModel(name=name, model=tm, queue=queue, summary=rundir.run_summary(run_dir, files),
                              created=int((run_dir / rundir.CONFIG).stat().st_mtime))
         self.loaded[name] = served

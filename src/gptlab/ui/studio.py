@@ -21,7 +21,7 @@ from typing import Any
 
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
-from gptlab.ui.jobs import Jobs, generation_threads, train_threads
+from gptlab.ui.jobs import GENERATION_THREADS, Jobs, train_threads
 from gptlab.ui.workspace import Workspace
 
 LIVE_SAMPLE_TOKENS = 200
@@ -72,7 +72,7 @@ class Studio:
         self.jobs = Jobs(self.runs_dir, train_threads())
         # one generation at a time on the core training leaves (see jobs.py)
         self.limits = limits or Limits(concurrency=1)
-        self.models = LoadedRuns(self.runs_dir, self.limits, generation_threads(), device)
+        self.models = LoadedRuns(self.runs_dir, self.limits, GENERATION_THREADS, device, self.jobs.generating)
         self.exports = tempfile.TemporaryDirectory(prefix="gptlab-ui-")
         self.shelf = Shelf(Path(self.exports.name))
         self.device = device

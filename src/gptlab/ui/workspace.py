@@ -211,7 +211,7 @@ class Workspace:
         self.data_dir = Path(data_dir).resolve()
         self.uploads_dir = self.data_dir / UPLOADS
         self.max_upload_bytes = max_upload_bytes
-        for folder, flag in ((self.runs_dir, "--runs-dir"), (self.uploads_dir, "--data-dir")):
+        for folder, flag in ((self.runs_dir, "--runs"), (self.uploads_dir, "--data")):
             check_writable_folder(folder, flag)
 
     # ---- uploads
