@@ -15,7 +15,7 @@ LAYERS = [
     ["errors", "fsutil", "folders", "cpu_memory", "muon", "synthetic_chats"],
     ["config", "distributed", "sizing"],
     ["rundir", "tokenizer", "device"],
-    ["data", "model", "copycheck"],
+    ["data", "model", "copycheck", "chat"],
     ["optim", "checkpoint", "engine"],
     ["generation", "evaluate", "report", "experiment_logs"],
     ["train", "hf"],

@@ -132,6 +132,15 @@ def add_model_commands(sub: Any) -> None:
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
     add_config_flags(s, SampleConfig, "sampling")
 
+    c = sub.add_parser("chat", help="talk to a run fine-tuned for chat, in the terminal",
+                       description="A conversation with a run trained with --chat: type a message, the reply streams in. "
+                                   "/reset starts over, /exit (or Ctrl-D) quits, Ctrl-C stops a reply.")
+    c.add_argument("run", help="run folder (fine-tuned with gptlab train --chat)")
+    c.add_argument("--system", default="", help="a system message that starts the conversation")
+    c.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
+    c.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
+    add_config_flags(c, SampleConfig, "sampling", skip=("num_samples",))
+
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on text",
                        description="Score a run on its own val split, a prepared data folder's val split, or a text file.")
     e.add_argument("run", help="run folder")
@@ -347,6 +356,68 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from gptlab.config import SampleConfig
+
+    settings = config_overrides(args, SampleConfig)
+    settings.setdefault("max_new_tokens", 256)
+    settings["stop"] = tuple(settings.get("stop", ()))
+    config = SampleConfig(**settings)  # every bad value is reported here, before torch loads
+    from gptlab.generation import load
+
+    tm = load(args.run, args.checkpoint, args.device)
+    if not tm.chats:
+        raise GptlabError(f"{args.run} was not fine-tuned for chat; fine-tune it first: gptlab train --init-from "
+                          f"{args.run} --chat conversations.jsonl --out runs/chat (or sample it with gptlab sample)")
+    chat_loop(tm, config, args.system)
+    return 0
+
+
+def chat_loop(tm: Any, config: Any, system: str = "") -> None:
+    """Read a message, stream the reply, remember both; /reset forgets, /exit or end of input quits."""
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Type a message; /reset starts over, /exit quits, Ctrl-C stops a reply.", flush=True)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print()
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages = list(start)
+            print("(a new conversation)", flush=True)
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": line})
+        if not interactive:
+            print(f"you> {line}", flush=True)
+        sys.stdout.write("assistant> ")
+        pieces = []
+        try:
+            for _, piece, _ in tm.chat_events(messages, config):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        except GptlabError as e:  # an unknown character, a conversation too long: say so and go on
+            messages.pop()
+            print(f"\nerror: {e}", flush=True)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.stride < 0 or args.batch_size < 0:
         raise GptlabError("--stride and --batch-size must be zero (automatic) or positive")
@@ -454,7 +525,7 @@ def cmd_help(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"help": cmd_help, "prepare": cmd_prepare, "train": cmd_train, "info": cmd_info,
-            "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot, "serve": cmd_serve, "ui": cmd_ui,
+            "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot, "serve": cmd_serve, "ui": cmd_ui, "chat": cmd_chat,
             "export": cmd_export, "push": cmd_push}
 
 

@@ -227,6 +227,10 @@ class TrainConfig:
     max_rollbacks: int = _help("rollbacks (each halving the learning rate) before giving up", default=3)
     num_samples: int = _help("samples written to samples.txt after training", default=2)
     sample_tokens: int = _help("tokens per sample in samples.txt", default=300)
+    chat: str = _help("fine-tune for conversation on this JSON Lines file of {\"messages\": [...]} (needs --init-from); "
+                      "the run learns the chat turn markers", default="")
+    chat_loss: str = _help("with --chat: learn from the assistant's tokens only (assistant) or from every token (all)",
+                           default="assistant")
     live_sample_tokens: int = _help("tokens of a fresh sample drawn at each evaluation into events.jsonl "
                                     "(what live views show); 0 = none", default=0)
     log: str = _help("also log the metrics to tensorboard or wandb (comma-separated for both); wandb runs "
@@ -261,6 +265,8 @@ class TrainConfig:
             raise GptlabError("--beta1 and --beta2 must be in [0, 1)")
         if not 0.0 < self.val_fraction < 1.0:
             raise GptlabError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.chat_loss not in ("assistant", "all"):
+            raise GptlabError(f"--chat-loss must be assistant or all, got {self.chat_loss!r}")
         if self.sampler not in ("random", "sliding"):
             raise GptlabError(f"--sampler must be 'random' or 'sliding', got {self.sampler!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

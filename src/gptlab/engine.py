@@ -40,7 +40,7 @@ Design choices:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -324,11 +324,13 @@ def decode(
 
 
 class Engine:
-    """Samples token ids from a GPT: one prompt, several samples, stop at end-of-text or max tokens."""
+    """Samples token ids from a GPT: one prompt, several samples, stop at end-of-text (or a stop id) or max tokens."""
 
-    def __init__(self, model: torch.nn.Module, eot_id: int | None = None, slide: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, eot_id: int | None = None, slide: int | None = None,
+                 stop_ids: Iterable[int] = ()) -> None:
         self.model = model.eval()
         self.eot_id = eot_id
+        self.stop_ids = frozenset(stop_ids) | ({eot_id} if eot_id is not None else frozenset())
         self.slide = slide
         self.device = next(model.parameters()).device
 
@@ -345,7 +347,7 @@ class Engine:
         for next_ids in decode(self.model, ids, config, generator, self.slide):
             column: list[int | None] = next_ids.view(-1).tolist()
             for row, token in enumerate(column):
-                if ended[row] or token == self.eot_id:
+                if ended[row] or token in self.stop_ids:
                     ended[row] = True
                     column[row] = None
             if all(ended):

@@ -119,7 +119,7 @@ class TextModel:
         self.tokenizer = tokenizer
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.data_dir = data_dir or None
-        self.engine = Engine(model, eot_id=tokenizer.eot_id, slide=slide)
+        self.engine = Engine(model, eot_id=tokenizer.eot_id, slide=slide, stop_ids=getattr(tokenizer, "stop_ids", ()))
         self.token_bytes = tokenizer.token_bytes
 
     @property
@@ -148,11 +148,32 @@ class TextModel:
         raise GptlabError(f"the prompt holds a character that is not valid Unicode ({prompt[bad]!r}, a lone "
                           f"surrogate, at character {bad}); give valid UTF-8 text")
 
+    @property
+    def chats(self) -> bool:
+        """Whether the model was fine-tuned for conversation (its tokenizer has the chat turn markers)."""
+        return hasattr(self.tokenizer, "conversation")
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The ids of a conversation, ready for the assistant's reply (the run's chat template)."""
+        if not self.chats:
+            raise GptlabError("this run was not fine-tuned for chat (no chat template); train it with "
+                              "`gptlab train --init-from RUN --chat conversations.jsonl`")
+        for message in messages:
+            self.encode_prompt(message["content"] or " ")  # unknown characters and bad text are named here
+        return self.tokenizer.conversation(messages, add_generation_prompt=True)[0]
+
+    def chat_events(self, messages: list[dict[str, str]], config: SampleConfig | None = None,
+                    **settings: Any) -> Iterator[tuple[int, str, Finish | None]]:
+        """`events` for the assistant's reply to `messages`; it ends at the template's end-of-turn."""
+        return self.events_for(self.chat_ids(messages), _config(config, settings))
+
     def events(self, prompt: str = "", config: SampleConfig | None = None,
                **settings: Any) -> Iterator[tuple[int, str, Finish | None]]:
         """(sample index, text piece, None) as the samples are made, then one (index, last piece, Finish) per sample."""
-        config = _config(config, settings)
-        ids = self.encode_prompt(prompt)
+        return self.events_for(self.encode_prompt(prompt), _config(config, settings))
+
+    def events_for(self, ids: list[int], config: SampleConfig) -> Iterator[tuple[int, str, Finish | None]]:
+        """`events` after the prompt ids `ids`."""
         check_memory(self.model, config, min(len(ids), self.config.block_size))  # before any per-sample state
         samples = [SampleText(self.token_bytes, config.stop) for _ in range(config.num_samples)]
         live = len(samples)

@@ -57,6 +57,13 @@ def run_training(inputs: list[str], overrides: dict[str, Any], preset: str | Non
     from gptlab.train import train
 
     model_cfg, train_cfg, config_file, overrides = training_settings(preset, config_file, resume, overrides)
+    init = None
+    if train_cfg.chat and not resume:
+        if inputs or "data" in overrides:
+            raise GptlabError("--chat's conversations are the training data; drop the text and --data")
+        init, data_dir = prepare_chat_training(train_cfg, overrides, model_cfg.dropout)
+        overrides["data"] = str(data_dir)
+        model_cfg, train_cfg = resolve_config(preset, config_file, overrides)
     if inputs:
         if "data" in overrides:
             raise GptlabError("give either text to train on or --data, not both")
@@ -71,8 +78,7 @@ def run_training(inputs: list[str], overrides: dict[str, Any], preset: str | Non
         model_cfg, train_cfg = resolve_config(preset, config_file, overrides)
     if not train_cfg.data:
         raise GptlabError("no training data; pass --data <prepared folder> or a text file (gptlab train my.txt)")
-    init = None
-    if train_cfg.init_from and not resume:
+    if train_cfg.init_from and not resume and init is None:
         from gptlab.hf.init import load_init
         from gptlab.tokenizer import load_tokenizer
 
@@ -83,6 +89,32 @@ def run_training(inputs: list[str], overrides: dict[str, Any], preset: str | Non
     lock = RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext()
     with lock:  # one trainer per run folder; under torchrun, rank 0 holds it for all
         return train(model_cfg, train_cfg, resume=bool(resume), overwrite=overwrite, quiet=quiet, init=init)
+
+
+def prepare_chat_training(train_cfg: TrainConfig, overrides: dict[str, Any], dropout: float) -> tuple[Any, Path]:
+    """What `--chat FILE --init-from DIR` starts from: DIR's model and tokenizer with the chat turn markers
+    added (the embedding grown by their rows), and FILE's conversations packed into data/<FILE>-chat."""
+    from dataclasses import replace
+
+    from gptlab.chat import grow_vocab, prepare_chat
+    from gptlab.data import default_data_dir
+    from gptlab.hf.init import load_init
+    from gptlab.tokenizer import chat_tokenizer
+
+    if not train_cfg.init_from:
+        raise GptlabError("--chat fine-tunes a trained model for conversation; give --init-from RUN (a gptlab run "
+                          "trained on text, or a Hugging Face model folder)")
+    model_cfg, weights, tokenizer = load_init(train_cfg.init_from, ModelConfig(dropout=dropout),
+                                              block_size=overrides.get("block_size", 0))
+    tokenizer = chat_tokenizer(tokenizer)
+    weights = grow_vocab(weights, tokenizer.vocab_size)
+    model_cfg = replace(model_cfg, vocab_size=max(model_cfg.vocab_size, tokenizer.vocab_size))
+    data_dir = default_data_dir(Path(train_cfg.chat).stem, "chat")
+    check_writes_kind(data_dir, "data", "the chat data folder")
+    if distributed.is_main():
+        prepare_chat(train_cfg.chat, tokenizer, model_cfg.block_size, data_dir, train_cfg.val_fraction)
+    distributed.barrier()
+    return (model_cfg, weights, tokenizer), data_dir
 
 
 def init_text_tokenizer(train_cfg: TrainConfig, overrides: dict[str, Any]) -> Tokenizer | None:

@@ -86,10 +86,37 @@ def sample_texts(model: torch.nn.Module, tokenizer: Any, num_samples: int, max_n
     """`num_samples` unprompted samples of `max_new_tokens` tokens (the model is left in eval mode)."""
     device = next(model.parameters()).device
     model.eval()
+    if hasattr(tokenizer, "conversation"):
+        return chat_replies(model, tokenizer, CHAT_PROBES[:num_samples] or CHAT_PROBES[:1], max_new_tokens, seed,
+                            settings)
     prompt = start_ids(tokenizer)
     idx = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
     out = generate(model, idx, max_new_tokens, settings, seed=seed)
     return [tokenizer.decode(row[len(prompt):].tolist()) for row in out]
+
+
+# What a chat run's samples answer: a greeting and a question, whatever the conversations were about.
+CHAT_PROBES = ([{"role": "user", "content": "Hello! Who are you?"}],
+               [{"role": "user", "content": "What is 2 + 3?"}])
+
+
+@torch.no_grad()
+def chat_replies(model: torch.nn.Module, tokenizer: Any, conversations: Any, max_new_tokens: int, seed: int = 1337,
+                 settings: SampleConfig = SAMPLES_SETTINGS) -> list[str]:
+    """The assistant's reply to each conversation, written after it ("User: ...", "Assistant: ...")."""
+    from dataclasses import replace
+
+    from gptlab.engine import Engine
+
+    engine = Engine(model, stop_ids=tokenizer.stop_ids)
+    config = replace(settings, max_new_tokens=max_new_tokens, seed=seed)
+    out = []
+    for messages in conversations:
+        ids, _ = tokenizer.conversation(list(messages), add_generation_prompt=True)
+        reply = tokenizer.decode(engine.generate(ids, config)[0])
+        turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+        out.append("\n".join(turns + [f"Assistant: {reply}"]))
+    return out
 
 
 def sample_text(model: torch.nn.Module, tokenizer: Any, max_new_tokens: int, seed: int = 1337) -> str:

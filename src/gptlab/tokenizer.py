@@ -828,6 +828,101 @@ KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "byte": ByteTokenize
                                      "bpe": BPETokenizer, "hf": HFBPETokenizer}
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_END = "<|end|>"
+# What Hugging Face's tokenizer.apply_chat_template renders (the text form of `ChatTokenizer.conversation`).
+CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+class ChatTokenizer:
+    """A tokenizer with chat turn markers added after its vocabulary: <|system|>, <|user|>, <|assistant|>, <|end|>.
+
+    A conversation is, per message, the role's marker, the content's ids and <|end|>; a reply to
+    continue starts after <|assistant|> and ends at <|end|> (any marker stops it). The markers get
+    the ids right after the base vocabulary (reserved ids for char and byte, added tokens for gpt2,
+    bpe and hf), and are never read from text: a message that spells "<|end|>" is just those
+    characters. Everything else is the base tokenizer's.
+    """
+
+    template = CHAT_TEMPLATE
+
+    def __init__(self, base: Tokenizer) -> None:
+        self.base = base
+        self.markers = [f"<|{role}|>" for role in CHAT_ROLES] + [CHAT_END]
+        self.marker_ids = {m: base.vocab_size + i for i, m in enumerate(self.markers)}
+        self.marker_of = {i: m for m, i in self.marker_ids.items()}
+        self.vocab_size = base.vocab_size + len(self.markers)
+        self.end_id = self.marker_ids[CHAT_END]
+        self.stop_ids = frozenset(self.marker_of)
+
+    def __getattr__(self, name: str) -> Any:  # the base kind's name, spec, usage, eot_id, ...
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def role_id(self, role: str) -> int:
+        return self.marker_ids[f"<|{role}|>"]
+
+    def conversation(self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+                     ) -> tuple[list[int], list[bool]]:
+        """The ids of `messages`, and which of them a model learns to write (assistant content and its <|end|>)."""
+        ids: list[int] = []
+        learn: list[bool] = []
+        for message in messages:
+            content = self.base.encode(message["content"])
+            mine = message["role"] == "assistant"
+            ids += [self.role_id(message["role"]), *content, self.end_id]
+            learn += [False] + [mine] * (len(content) + 1)
+        if add_generation_prompt:
+            ids.append(self.role_id("assistant"))
+            learn.append(False)
+        return ids, learn
+
+    def encode(self, text: str) -> list[int]:
+        return self.base.encode(text)
+
+    def encode_array(self, text: str, continues: bool = False) -> np.ndarray:
+        return self.base.encode_array(text, continues)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text for `ids`, each marker written out."""
+        out, run = [], []
+        for i in ids:
+            if i in self.marker_of:
+                out += [self.base.decode(run), self.marker_of[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self.base.decode(run)
+
+    def token_bytes(self, token: int) -> bytes:
+        marker = self.marker_of.get(token)
+        return marker.encode() if marker is not None else self.base.token_bytes(token)
+
+    def save(self, folder: str | Path) -> None:
+        """The base tokenizer's files, with the markers and the template in tokenizer.json."""
+        self.base.save(folder)
+        path = Path(folder) / DESCRIPTOR
+        desc = json.loads(path.read_text(encoding="utf-8"))
+        desc["chat"] = {"markers": self.markers, "template": self.template}
+        write_json(path, desc)
+
+    def describe(self) -> str:
+        return f"{self.base.describe()}, plus the chat turn markers {', '.join(self.markers)}"
+
+    def same_as(self, other: Tokenizer) -> bool:
+        return isinstance(other, ChatTokenizer) and self.base.same_as(other.base)
+
+    def hf_files(self) -> dict[str, str]:
+        return self.base.hf_files()
+
+
+def chat_tokenizer(tokenizer: Tokenizer) -> ChatTokenizer:
+    """`tokenizer` with the chat markers (itself when it has them already)."""
+    return tokenizer if isinstance(tokenizer, ChatTokenizer) else ChatTokenizer(tokenizer)
+
+
 def kinds_help() -> str:
     """The --tokenizer values in words, e.g. 'char, gpt2 or bpe:N'."""
     usages = [kind.usage for kind in KINDS.values()]
@@ -874,9 +969,16 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     if kind is None:
         raise GptlabError(f"{path} names an unknown tokenizer type {name!r}")
     try:
-        return kind.load(folder, desc)
+        base = kind.load(folder, desc)
     except GptlabError:
         raise
     except Exception as e:  # a broken or missing vocabulary file; say which folder
         raise GptlabError(f"the {name} tokenizer files in {folder} are missing or corrupt ({type(e).__name__}); re-run `gptlab prepare`") from None
+    chat = desc.get("chat")
+    if chat is not None:
+        tokenizer = ChatTokenizer(base)
+        if not isinstance(chat, dict) or chat.get("markers") != tokenizer.markers:
+            raise GptlabError(f"{path}: its chat markers are not gptlab's ({chat!r:.80}); re-run the chat fine-tuning")
+        return tokenizer
+    return base
 

@@ -49,8 +49,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from gptlab import chat, distributed, rundir
 from gptlab import checkpoint as ckpt
-from gptlab import distributed, rundir
 from gptlab.config import ModelConfig, TrainConfig, parse_duration
 from gptlab.data import RandomBatches, SlidingBatches, check_enough_tokens, load_tokens, read_meta
 from gptlab.device import (
@@ -394,8 +394,11 @@ def estimate_loss(
     model.eval()
     out = {}
     for offset, (name, tokens) in enumerate(splits.items()):
-        batches = RandomBatches(tokens, block_size, cfg.batch_size, seed=cfg.seed + 1000 + offset,
-                                rank=distributed.rank(), world_size=distributed.world_size())
+        ranks = dict(rank=distributed.rank(), world_size=distributed.world_size())
+        if isinstance(tokens, chat.Rows):  # chat: scored on what the model learns to write
+            batches = chat.RowBatches(tokens, cfg.batch_size, cfg.seed + 1000 + offset, cfg.chat_loss, **ranks)
+        else:
+            batches = RandomBatches(tokens, block_size, cfg.batch_size, seed=cfg.seed + 1000 + offset, **ranks)
         total = torch.zeros((), device=device)
         for _ in range(cfg.eval_iters):
             x, y = batches.next()
@@ -434,8 +437,15 @@ def read_inputs(
     return model_cfg, tokenizer, weights, meta
 
 
-def load_splits(data_dir: str, block_size: int) -> dict[str, np.ndarray]:
-    """The train and val tokens, each checked to hold more than one window."""
+def load_splits(data_dir: str, block_size: int) -> dict[str, Any]:
+    """The train and val tokens, each checked to hold more than one window (or a chat folder's packed rows)."""
+    meta = read_meta(data_dir)
+    if meta.get("kind") == chat.KIND:
+        splits = {name: chat.load_rows(data_dir, name, meta) for name in ("train", "val")}
+        if splits["train"].block_size != block_size:
+            raise GptlabError(f"{data_dir} was packed for a context of {splits['train'].block_size} tokens, not "
+                              f"{block_size}; prepare the chat data again for this model (gptlab train --chat ...)")
+        return splits
     splits = {name: load_tokens(data_dir, name) for name in ("train", "val")}
     for name, tokens in splits.items():
         check_enough_tokens(tokens, block_size, name)
@@ -478,9 +488,11 @@ def seeded_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
     return model
 
 
-def make_batches(tokens: np.ndarray, block_size: int, cfg: TrainConfig) -> RandomBatches | SlidingBatches:
-    """The training stream --sampler names, this rank's slice of each global batch."""
+def make_batches(tokens: Any, block_size: int, cfg: TrainConfig) -> Any:
+    """The training stream --sampler names (packed rows for chat data), this rank's slice of each global batch."""
     ranks = dict(rank=distributed.rank(), world_size=distributed.world_size())
+    if isinstance(tokens, chat.Rows):
+        return chat.RowBatches(tokens, cfg.batch_size, cfg.seed, cfg.chat_loss, **ranks)
     if cfg.sampler == "sliding":
         return SlidingBatches(tokens, block_size, cfg.batch_size, cfg.seed, cfg.stride, **ranks)
     return RandomBatches(tokens, block_size, cfg.batch_size, cfg.seed, **ranks)

@@ -49,8 +49,10 @@ class ServedModel:
             f"- **run folder**: `{s['run']}`",
         ])
 
-    def prompt_tokens(self, prompt: str) -> int:
-        """How many tokens `prompt` is (the start token for an empty one); a GptlabError when it cannot be encoded."""
+    def prompt_tokens(self, prompt: str | list[dict[str, str]]) -> int:
+        """How many tokens `prompt` (text, or chat messages) is; a GptlabError when it cannot be encoded."""
+        if not isinstance(prompt, str):
+            return len(self.model.chat_ids(prompt))
         return len(self.model.encode_prompt(prompt))
 
     def check_memory(self, config: SampleConfig, prompt_tokens: int) -> None:
@@ -59,10 +61,13 @@ class ServedModel:
 
         check_memory(self.model.model, config, min(prompt_tokens, self.model.config.block_size))
 
-    def work(self, prompts: Sequence[str], config: SampleConfig) -> Iterator[tuple[int, str, Finish | None]]:
-        """(choice index, piece, finish) for every prompt in turn, `config.num_samples` choices each."""
+    def work(self, prompts: Sequence[str | list[dict[str, str]]],
+             config: SampleConfig) -> Iterator[tuple[int, str, Finish | None]]:
+        """(choice index, piece, finish) for every prompt (text, or chat messages) in turn, `config.num_samples` each."""
         for number, prompt in enumerate(prompts):
-            for row, piece, finish in self.model.events(prompt, config):
+            events = self.model.events(prompt, config) if isinstance(prompt, str) else \
+                self.model.chat_events(prompt, config)
+            for row, piece, finish in events:
                 yield number * config.num_samples + row, piece, finish
 
 

@@ -246,8 +246,9 @@ def check_prompts(served: ServedModel, prompts: list[str], limits: Limits, param
     """The prompts' total token count, after checking their length and that the tokenizer takes them."""
     total = 0
     for prompt in prompts:
-        if len(prompt) > limits.max_prompt_chars:
-            raise ApiError(400, f"{param} is {len(prompt):,} characters; this server takes at most "
+        size = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+        if size > limits.max_prompt_chars:
+            raise ApiError(400, f"{param} is {size:,} characters; this server takes at most "
                                 f"{limits.max_prompt_chars:,} (--max-prompt-chars)", param=param)
         try:
             total += served.prompt_tokens(prompt)
@@ -258,7 +259,13 @@ def check_prompts(served: ServedModel, prompts: list[str], limits: Limits, param
 
 def chat_prompt(messages: Sequence[ChatMessage]) -> str:
     """Chat messages as the plain text a base model continues: `Role: content` lines, then `Assistant:`."""
-    lines = []
+    lines = [f"{CHAT_ROLES[m['role']]}: {m['content']}" for m in chat_messages(messages)]
+    return "\n".join(lines + ["Assistant:"])
+
+
+def chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    """The messages as {role, content} text, checked (a run fine-tuned for chat reads them with its template)."""
+    out = []
     for i, m in enumerate(messages):
         role = CHAT_ROLES.get(m.role)
         if role is None:
@@ -275,8 +282,8 @@ def chat_prompt(messages: Sequence[ChatMessage]) -> str:
             content = "".join(parts)
         else:
             content = m.content or ""
-        lines.append(f"{role}: {content}")
-    return "\n".join(lines + ["Assistant:"])
+        out.append({"role": m.role, "content": content})
+    return out
 
 
 # ---- responses ----
@@ -403,7 +410,7 @@ async def answer_completions(models: Mapping[str, ServedModel], limits: Limits, 
 
 
 async def answer_chat(models: Mapping[str, ServedModel], limits: Limits, body: ChatRequest, request: Request) -> Any:
-    """Answer a conversation, rendered with the plain chat template."""
+    """Answer a conversation: with the run's chat template when it was fine-tuned for chat, else the plain one."""
     if body.logprobs:
         raise ApiError(400, "logprobs is not supported by this server; leave it out", param="logprobs")
     if body.tools:
@@ -415,7 +422,11 @@ async def answer_chat(models: Mapping[str, ServedModel], limits: Limits, body: C
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise ApiError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    p = make_plan(models, limits, body, [chat_prompt(body.messages)], "messages", CHAT_MAX_TOKENS, max_tokens, (CHAT_STOP,))
+    if find_model(models, body.model).model.chats:  # its own template; the reply ends at its end-of-turn
+        p = make_plan(models, limits, body, [chat_messages(body.messages)], "messages", CHAT_MAX_TOKENS, max_tokens)
+    else:
+        p = make_plan(models, limits, body, [chat_prompt(body.messages)], "messages", CHAT_MAX_TOKENS, max_tokens,
+                      (CHAT_STOP,))
     job = submit(p)
     rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), p.served.name
     n = p.config.num_samples
@@ -474,7 +485,7 @@ def build_router(models: Mapping[str, ServedModel], limits: Limits) -> APIRouter
 
     @router.post("/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
-        """Answer a conversation, rendered with the plain chat template."""
+        """Answer a conversation: with the run's chat template when it was fine-tuned for chat, else the plain one."""
         return await answer_chat(models, limits, body, request)
 
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
