@@ -90,3 +90,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory, small_corpus) -> Path:
+    """A tiny byte-level run fine-tuned for chat on synthetic conversations (a few dozen steps each)."""
+    from gptlab.cli import main
+    from gptlab.synthetic_chats import make_conversations, write_jsonl
+
+    root = tmp_path_factory.mktemp("chat")
+    chats = root / "chats.jsonl"
+    write_jsonl(chats, make_conversations(300, seed=0))
+    small = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "192", "--batch-size", "8",
+             "--eval-iters", "2", "--eval-interval", "20", "--num-samples", "1", "--sample-tokens", "20", "--quiet"]
+    cwd = os.getcwd()
+    os.chdir(root)  # text and chats given to `train` are prepared into ./data
+    try:
+        assert main(["train", str(small_corpus), "--tokenizer", "byte", "--max-iters", "40", *small,
+                     "--out", str(root / "base")]) == 0
+        assert main(["train", "--init-from", str(root / "base"), "--chat", str(chats), "--max-iters", "40",
+                     "--eval-interval", "20", "--eval-iters", "2", "--batch-size", "8", "--num-samples", "1",
+                     "--sample-tokens", "20", "--quiet", "--out", str(root / "chat")]) == 0
+    finally:
+        os.chdir(cwd)
+    return root / "chat"
