@@ -200,6 +200,8 @@ def add_model_commands(sub: Any) -> None:
     add_config_flags(sv, Limits, "limits")
     sv.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
+    sv.add_argument("--chainlit", action="store_true",
+                    help="also serve a Chainlit chat at /chainlit (pip install 'gptlab[chainlit]')")
 
     ui = sub.add_parser("ui", help="one web page for everything: data, training (live), runs, generate, share",
                         description="Open the app: upload text, prepare it, train and watch it live, compare runs, "
@@ -500,7 +502,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gptlab.serve.app import serve
 
     serve(args.runs, host=args.host, port=args.port, api_key=args.api_key, limits=limits,
-          checkpoint=args.checkpoint, device=args.device)
+          checkpoint=args.checkpoint, device=args.device, chainlit=args.chainlit)
     return 0
 
 

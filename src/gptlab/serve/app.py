@@ -276,13 +276,14 @@ def client_snippet(url: str, model: str, api_key: str | None) -> str:
 
 
 def banner(models: Sequence[ServedModel], runs: Sequence[str | Path], url: str, host: str, limits: Limits,
-           api_key: str | None) -> str:
+           api_key: str | None, chainlit: bool = False) -> str:
     """What `gptlab serve` prints once it is listening."""
     names = ", ".join(f"{m.name} ({r})" for m, r in zip(models, runs))
     everywhere = " (listening on every interface)" if host in ("", "0.0.0.0", "::") else ""
     lines = [
         f"gptlab serve: {names} at {url}{everywhere}",
         f"  page    {url}/",
+        *([f"  chat    {url}/chainlit  (Chainlit)"] if chainlit else []),
         f"  API     {url}/v1  (GET /v1/models, POST /v1/completions, POST /v1/chat/completions)",
         f"  health  {url}/health",
         f"  limits  max_tokens <= {limits.max_new_tokens_limit:,}, n <= {limits.max_n}, prompts <= "
@@ -290,18 +291,23 @@ def banner(models: Sequence[ServedModel], runs: Sequence[str | Path], url: str, 
         f"{limits.queue_size} waiting, then 429",
     ]
     if api_key is not None:
-        lines.append("  key     /v1 needs Authorization: Bearer <your --api-key>; the page asks for it as a password")
+        lines.append("  key     /v1 needs Authorization: Bearer <your --api-key>; the page asks for it as a password"
+                     + (", and so does the chat" if chainlit else ""))
     lines += ["", "From Python (pip install openai):", "", client_snippet(url, models[0].name, api_key), "",
               "Ctrl-C stops the server."]
     return "\n".join(lines)
 
 
 def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: Limits | None = None, checkpoint: str = "best", device: str = "auto") -> None:
-    """Load `runs` and serve the page and the API until Ctrl-C."""
+          limits: Limits | None = None, checkpoint: str = "best", device: str = "auto", chainlit: bool = False) -> None:
+    """Load `runs` and serve the page and the API (and with `chainlit`, a Chainlit chat at /chainlit) until Ctrl-C."""
     missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
     if missing:
         raise GptlabError(f"gptlab serve needs {', '.join(missing)}: pip install 'gptlab[serve]'")
+    if chainlit:
+        from gptlab.serve import chainlit as chat
+
+        chat.check_installed()
     if api_key is not None and not api_key.strip():
         raise GptlabError("--api-key is empty; give a key, or leave the flag out for an open server")
     limits = limits or Limits()
@@ -313,13 +319,18 @@ def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
         port = sock.getsockname()[1]
         models = load_models(runs, limits, checkpoint, device, checked)
         url = local_url(host, port)
-        app = build_app(models, limits, api_key, api_help=_api_help(url, models[0].name, api_key))
+        app = build_app(models, limits, api_key, page=False)
+        if chainlit:  # before the page: a mount at / would match /chainlit first
+            chat.mount(app, models, limits, api_key)
+        from gptlab.serve.page import build_page
+
+        mount_page(app, build_page(models, limits, api_help=_api_help(url, models[0].name, api_key)), api_key)
 
         import uvicorn
 
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                                timeout_graceful_shutdown=5, lifespan="on"))
-        print(banner(models, runs, url, host, limits, api_key), flush=True)
+        print(banner(models, runs, url, host, limits, api_key, chainlit), flush=True)
         server.run(sockets=[sock])
     finally:
         sock.close()
