@@ -330,7 +330,7 @@ class Engine:
                  stop_ids: Iterable[int] = ()) -> None:
         self.model = model.eval()
         self.eot_id = eot_id
-        self.stop_ids = frozenset(stop_ids) | ({eot_id} if eot_id is not None else frozenset())
+        self.more_stops = frozenset(stop_ids)  # beside end-of-text: a chat model's turn markers
         self.slide = slide
         self.device = next(model.parameters()).device
 
@@ -344,10 +344,11 @@ class Engine:
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         generator = make_generator(self.device, config.seed)
         ended = [False] * config.num_samples
+        stops = self.more_stops | {self.eot_id}
         for next_ids in decode(self.model, ids, config, generator, self.slide):
             column: list[int | None] = next_ids.view(-1).tolist()
             for row, token in enumerate(column):
-                if ended[row] or token in self.stop_ids:
+                if ended[row] or token in stops:
                     ended[row] = True
                     column[row] = None
             if all(ended):

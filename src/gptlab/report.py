@@ -108,7 +108,7 @@ def chat_replies(model: torch.nn.Module, tokenizer: Any, conversations: Any, max
 
     from gptlab.engine import Engine
 
-    engine = Engine(model, stop_ids=tokenizer.stop_ids)
+    engine = Engine(model, eot_id=tokenizer.eot_id, stop_ids=tokenizer.stop_ids)
     config = replace(settings, max_new_tokens=max_new_tokens, seed=seed)
     out = []
     for messages in conversations:
