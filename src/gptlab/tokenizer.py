@@ -915,7 +915,26 @@ class ChatTokenizer:
         return isinstance(other, ChatTokenizer) and self.base.same_as(other.base)
 
     def hf_files(self) -> dict[str, str]:
-        return self.base.hf_files()
+        """The base kind's files, with the markers as special added tokens at our ids in tokenizer.json.
+
+        `tokenizers` picks a special token out of any text before the base splits it, so the text
+        `CHAT_TEMPLATE` renders tokenizes to `conversation`'s ids.
+        """
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFTokenizer
+
+        files = self.base.hf_files()
+        tok = HFTokenizer.from_str(files["tokenizer.json"])
+        tok.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in self.markers])
+        wrong = [m for m, i in self.marker_ids.items() if tok.token_to_id(m) != i]
+        if wrong:  # the base vocabulary holds a marker already, or has gaps in its ids
+            raise GptlabError(f"the {self.base.name} vocabulary cannot take the chat marker {wrong[0]} at id "
+                              f"{self.marker_ids[wrong[0]]}; export the run with --format space instead")
+        return {**files, "tokenizer.json": tok.to_str(pretty=True)}
+
+    def hf_chat_config(self) -> dict[str, Any]:
+        """What tokenizer_config.json adds for chat: the template, and <|end|> as the end of a turn."""
+        return {"eos_token": CHAT_END, "chat_template": self.template}
 
 
 def chat_tokenizer(tokenizer: Tokenizer) -> ChatTokenizer:

@@ -11,6 +11,7 @@ from gptlab.errors import GptlabError
 from gptlab.hf.gpt2 import DEFAULT_MAX_LENGTH
 from gptlab.hf.source import ExportSource
 from gptlab.rundir import LOSS_PLOT, SAMPLES, run_summary
+from gptlab.tokenizer import ChatTokenizer
 
 
 def _data_description(train_cfg: TrainConfig) -> str:
@@ -57,6 +58,29 @@ def hf_front_matter(arch: str) -> list[str]:
     """The YAML header of an hf export's card."""
     return ["---", "library_name: transformers", "pipeline_tag: text-generation", *arch_tags(arch), "---"]
 
+def chat_usage(name: str, hf_class: str) -> list[str]:
+    """The "Use it" section of a chat model: its template through transformers, the reply cut at <|end|>."""
+    return [
+        "## Use it",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")   # this folder, or its Hub repo id',
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        'messages = [{"role": "user", "content": "What is 2 + 3?"}]',
+        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")',
+        'reply = model.generate(**inputs, max_new_tokens=100)[0, inputs["input_ids"].shape[1]:]',
+        "print(tokenizer.decode(reply, skip_special_tokens=True))",
+        "```",
+        "",
+        f"It is a plain `{hf_class}` with a chat template (`tokenizer_config.json`): each message is its role's "
+        "marker (`<|system|>`, `<|user|>`, `<|assistant|>`), its content and `<|end|>`, and the reply follows "
+        "`<|assistant|>`. `generate` stops at the end of the reply (`<|end|>`, or any other marker: "
+        "`eos_token_id` in `generation_config.json`).",
+        "",
+    ]
+
 def model_card(src: ExportSource, has_plot: bool, front_matter: Sequence[str] | None = None,
                usage: Sequence[str] | None = None, plot: str = LOSS_PLOT) -> str:
     """README.md: what the model is, what it was trained on and how well, how to use it, samples.
@@ -75,12 +99,13 @@ def model_card(src: ExportSource, has_plot: bool, front_matter: Sequence[str] | 
     best = f"{s['best_val_loss']:.4f}" if s["best_val_loss"] is not None else "n/a"
     init = src.train_cfg.init_from
     origin = f"fine-tuned from `{Path(init).name}`" if init else "trained from scratch"
+    chat = isinstance(tok, ChatTokenizer)
     lines = [
         *front_matter,
         "",
         f"# {name}",
         "",
-        f"A {style} language model {origin} with gptlab on "
+        f"A {style} {'chat' if chat else 'language'} model {origin} with gptlab on "
         f"{_data_description(src.train_cfg)}.",
         "",
         "| | |",
@@ -96,6 +121,8 @@ def model_card(src: ExportSource, has_plot: bool, front_matter: Sequence[str] | 
     ]
     if has_plot:
         lines += [f"![train and validation loss against steps]({plot})", ""]
+    if usage is None and chat:
+        usage = chat_usage(name, hf_class)
     lines += list(usage) if usage is not None else [
         "## Use it",
         "",
@@ -113,7 +140,9 @@ def model_card(src: ExportSource, has_plot: bool, front_matter: Sequence[str] | 
     ]
     samples = _card_samples(src.run_dir)
     if samples:
-        lines += ["## Samples", "", f"Unprompted, temperature {SAMPLES_SETTINGS.temperature:g}, top-k {SAMPLES_SETTINGS.top_k}, from the best checkpoint:", ""]
+        prompted = "Replies to fixed questions" if chat else "Unprompted"
+        lines += ["## Samples", "", f"{prompted}, temperature {SAMPLES_SETTINGS.temperature:g}, top-k {SAMPLES_SETTINGS.top_k}, "
+                  "from the best checkpoint:", ""]
         for sample in samples:
             lines += [_fenced(sample), ""]
     lines += ["## Limits", "",

@@ -11,6 +11,10 @@ Design choices:
 - The folder is written under a temporary name beside the target and renamed into place when
   complete, so a failed export leaves the previous one or nothing.
 - A format is an entry of `FORMATS`: a function that fills an empty folder from an `ExportSource`.
+- A chat run's folder carries its chat: the markers are special added tokens at our ids
+  (`ChatTokenizer.hf_files`), tokenizer_config.json holds the template and <|end|> as eos_token,
+  and config.json and generation_config.json list every id our engine stops a reply at as
+  eos_token_id, <|end|> first, so `apply_chat_template` + `generate` give gptlab's replies.
 - Writing needs only safetensors and tokenizers; huggingface_hub is imported inside `hub.push`.
 - gguf is one file, not a folder (see gguf.py): it has its own target checks and atomic write.
 """
@@ -34,9 +38,15 @@ from gptlab.hf.source import ExportSource, load_source
 from gptlab.hf.space import write_space
 from gptlab.hf.tokenizers import write_hf_tokenizer
 from gptlab.rundir import LOSS_PLOT
+from gptlab.tokenizer import ChatTokenizer
 
 # The run's arch -> the module that writes it as transformers' model (hf_config, hf_state_dict).
 MAPPINGS = {"gpt2": gpt2, "llama": llama}
+
+def chat_stop_ids(tokenizer: ChatTokenizer) -> list[int]:
+    """The ids a reply stops at: <|end|> first (what generate pads with), the other markers, end-of-text if any."""
+    ids = [tokenizer.end_id, *sorted(tokenizer.stop_ids - {tokenizer.end_id})]
+    return ids + ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
 
 def write_hf(src: ExportSource, folder: Path) -> None:
     """Fill `folder` with a transformers GPT-2 or Llama model, its tokenizer and a model card."""
@@ -47,10 +57,20 @@ def write_hf(src: ExportSource, folder: Path) -> None:
     mapping = MAPPINGS[src.model_cfg.arch]
     vocab_size = src.tokenizer.vocab_size
     eot = src.tokenizer.eot_id
+    config = mapping.hf_config(src.model_cfg, vocab_size, eot)
+    generation = hf_generation_config(src.model_cfg, eot)
+    if isinstance(src.tokenizer, ChatTokenizer):
+        # generate stops where gptlab's engine does: at any marker (a reply ends at <|end|>) or end-of-text.
+        config["eos_token_id"] = generation["eos_token_id"] = chat_stop_ids(src.tokenizer)
+        generation["pad_token_id"] = src.tokenizer.end_id
     (folder / "model.safetensors").write_bytes(save(mapping.hf_state_dict(src.model, vocab_size), metadata={"format": "pt"}))
-    write_text(folder / "config.json", json.dumps(mapping.hf_config(src.model_cfg, vocab_size, eot), indent=1))
-    write_text(folder / "generation_config.json", json.dumps(hf_generation_config(src.model_cfg, eot), indent=1))
+    write_text(folder / "config.json", json.dumps(config, indent=1))
+    write_text(folder / "generation_config.json", json.dumps(generation, indent=1))
     write_hf_tokenizer(src.tokenizer, folder, src.model_cfg.block_size)
+    if isinstance(src.tokenizer, ChatTokenizer):
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        tokenizer_config.update(src.tokenizer.hf_chat_config())
+        write_text(folder / "tokenizer_config.json", json.dumps(tokenizer_config, indent=1))
     if (src.run_dir / LOSS_PLOT).is_file():
         shutil.copyfile(src.run_dir / LOSS_PLOT, folder / LOSS_PLOT)
     write_text(folder / "README.md", model_card(src, (folder / LOSS_PLOT).is_file()))

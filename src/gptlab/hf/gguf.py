@@ -25,6 +25,9 @@ Design choices:
   split), or a SentencePiece-style BPE with byte fallback (llama.cpp's `llama` vocabulary, scored by
   merge rank), when its merges are what SentencePiece's merging follows (`merge_scores`). A
   Metaspace spelling, any other split and anything else are one-line errors pointing to --format hf.
+- A chat run's markers are control tokens (tokenizer.json's special added tokens), <|end|> is its
+  end-of-text, and `tokenizer.chat_template` holds the template, which llama.cpp's --jinja and
+  llama-cpp-python render; the Modelfile carries the same template in Ollama's own syntax.
 - No BOS in front of a prompt (add_bos_token false, whatever the tokenizer's post-processor adds):
   gptlab's data has none, so the model never saw one.
 - 1-D tensors (norms, biases) and the position embedding stay f32, as llama.cpp's converter keeps
@@ -46,7 +49,7 @@ from gptlab.config import SAMPLES_SETTINGS, ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.fsutil import atomic_write_text, cause, fsync_dir
 from gptlab.hf.gpt2 import CONV1D, hf_state_dict
-from gptlab.tokenizer import ENDOFTEXT, Tokenizer, merge_lines
+from gptlab.tokenizer import ENDOFTEXT, ChatTokenizer, Tokenizer, merge_lines
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,6 +61,8 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_TOKENIZERS = ("gpt2", "bpe")
 MODELFILE_MARK = "# Ollama Modelfile written by gptlab export"
+# CHAT_TEMPLATE in Ollama's Go template syntax: per message its marker, content and <|end|>, then the reply's marker.
+OLLAMA_CHAT_TEMPLATE = "{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{ end }}<|assistant|>"
 
 # Per architecture (ModelConfig.arch), our module names ({n}: the block) and llama.cpp's; the
 # .weight or .bias after them is kept.
@@ -299,9 +304,13 @@ def _add_tokenizer(writer: Any, tokenizer: Tokenizer) -> None:
     types = [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.USER_DEFINED if t in user
              else gguf.TokenType.NORMAL for t in tokens]
     writer.add_tokenizer_model(model)
-    eos = tokenizer.eot_id
+    eot = tokenizer.eot_id
     named_bos = _token_id(tokenizer, "bos_token") if tokenizer.name == "hf" else None
-    bos = eos if named_bos is None else named_bos
+    bos = eot if named_bos is None else named_bos
+    eos = eot
+    if isinstance(tokenizer, ChatTokenizer):
+        eos = tokenizer.end_id  # a reply ends at <|end|>
+        writer.add_chat_template(tokenizer.template)
     if model == "gpt2":
         writer.add_tokenizer_pre(pre)
         writer.add_token_merges(merges)
@@ -375,9 +384,12 @@ def _fill(writer: Any, src: ExportSource, outtype: str) -> None:
 
 
 def modelfile(gguf_path: Path, tokenizer: Tokenizer) -> str:
-    """An Ollama Modelfile for a plain completion model: the prompt as is, sampled as samples.txt is."""
-    lines = [MODELFILE_MARK, f"FROM ./{gguf_path.name}", 'TEMPLATE """{{ .Prompt }}"""',
+    """An Ollama Modelfile, sampled as samples.txt is: the prompt as is, or a chat run's conversation in its template."""
+    template = OLLAMA_CHAT_TEMPLATE if isinstance(tokenizer, ChatTokenizer) else "{{ .Prompt }}"
+    lines = [MODELFILE_MARK, f"FROM ./{gguf_path.name}", f'TEMPLATE """{template}"""',
              f"PARAMETER temperature {SAMPLES_SETTINGS.temperature}", f"PARAMETER top_k {SAMPLES_SETTINGS.top_k}"]
+    if isinstance(tokenizer, ChatTokenizer):  # gptlab's engine ends a reply at any marker
+        lines += [f"PARAMETER stop {json.dumps(marker)}" for marker in tokenizer.markers]
     if tokenizer.eot_id is not None:  # a model's own end-of-text may be another token, e.g. </s>
         stop = tokenizer.token_bytes(tokenizer.eot_id).decode("utf-8", "replace") if tokenizer.name == "hf" else ENDOFTEXT
         lines.append(f"PARAMETER stop {json.dumps(stop)}")
