@@ -112,7 +112,10 @@ def chat_replies(model: torch.nn.Module, tokenizer: Any, conversations: Any, max
     config = replace(settings, max_new_tokens=max_new_tokens, seed=seed)
     out = []
     for messages in conversations:
-        ids, _ = tokenizer.conversation(list(messages), add_generation_prompt=True)
+        try:
+            ids, _ = tokenizer.conversation(list(messages), add_generation_prompt=True)
+        except GptlabError:  # a char tokenizer that never saw one of the question's characters
+            continue
         reply = tokenizer.decode(engine.generate(ids, config)[0])
         turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
         out.append("\n".join(turns + [f"Assistant: {reply}"]))
