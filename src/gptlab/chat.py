@@ -103,7 +103,8 @@ def encode_conversations(conversations: list[tuple[int, list[dict[str, str]]]], 
             try:
                 length = len(tokenizer.encode(message["content"])) + 2
             except GptlabError as e:
-                raise GptlabError(f"{where}, message {index}: {e}") from None
+                hint = "; or fine-tune a byte, gpt2 or bpe base, which reads any text" if tokenizer.name == "char" else ""
+                raise GptlabError(f"{where}, message {index}: {e}{hint}") from None
             if length > block_size:
                 raise GptlabError(f"{where}, message {index} ({message['role']}) is {length:,} tokens with its markers, "
                                   f"longer than the model's context of {block_size:,}; shorten it")
