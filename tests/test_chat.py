@@ -45,22 +45,28 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
-def test_bad_chat_files_are_one_line_errors_with_line_numbers(case, chat_run, tmp_path):
+def test_bad_chat_files_are_one_line_errors_with_line_numbers(case, chat_run, tmp_path, capsys, monkeypatch):
+    from gptlab.cli import main
+
     lines, expected = BAD_FILES[case]
     bad = write_lines(tmp_path / "bad.jsonl", lines)
-    result = gptlab("train", "--init-from", str(chat_run.parent / "base"), "--chat", str(bad), "--max-iters", "2",
-                    "--out", str(tmp_path / "run"), cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    message = result.stderr.strip()
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--init-from", str(chat_run.parent / "base"), "--chat", str(bad), "--max-iters", "2",
+                 "--out", str(tmp_path / "run")])
+    message = capsys.readouterr().err.strip()
+    assert code == 2, message
     assert len(message.splitlines()) == 1 and "Traceback" not in message, message
     assert expected in message, message
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
 
 
-def test_chat_needs_a_model_to_fine_tune(tmp_path):
+def test_chat_needs_a_model_to_fine_tune(tmp_path, capsys, monkeypatch):
+    from gptlab.cli import main
+
     chats = write_lines(tmp_path / "c.jsonl", [json.dumps(GOOD)] * 3)
-    result = gptlab("train", "--chat", str(chats), "--max-iters", "2", cwd=tmp_path)
-    assert result.returncode == 2 and "give --init-from RUN" in result.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--chat", str(chats), "--max-iters", "2"]) == 2
+    assert "give --init-from RUN" in capsys.readouterr().err
 
 
 def test_conversations_are_packed_whole_and_only_the_assistant_is_learned(chat_run):
