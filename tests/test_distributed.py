@@ -136,8 +136,10 @@ def test_only_rank_zero_writes_and_prints(two_procs):
     ddp_run, stdout = two_procs
     names = sorted(p.name for p in ddp_run.iterdir())
     assert names == sorted(["config.json", "tokenizer.json", "best.safetensors", "last.safetensors",
-                            "train_state.pt", "metrics.csv", "loss.png", "samples.txt"])
+                            "train_state.pt", "metrics.csv", "loss.png", "samples.txt", "events.jsonl"])
     assert [r["step"] for r in metric_rows(ddp_run)] == ["0", "10", "20"]  # not doubled
+    starts = [line for line in (ddp_run / "events.jsonl").read_text().splitlines() if '"event": "start"' in line]
+    assert len(starts) == 1  # one story of the run, told by rank 0 alone
     assert stdout.count("step     20: train loss") == 1 and stdout.count("run folder:") == 1
     state = load_train_state(ddp_run / "train_state.pt")
     assert len(state["ranks"]) == 2 and state["step"] == STEPS
