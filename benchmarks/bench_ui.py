@@ -45,6 +45,8 @@ from typing import Any
 
 import httpx
 
+from gptlab.rundir import process_alive
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 URL = re.compile(r" at (http://\S+)")
@@ -86,10 +88,10 @@ class Processes:
 
     def stop_all(self) -> None:
         for pid in self.pids:
-            if _alive(pid):
+            if process_alive(pid):
                 _signal_group(pid, signal.SIGINT)
         deadline = time.monotonic() + 10
-        while any(_alive(p) for p in self.pids) and time.monotonic() < deadline:
+        while any(process_alive(p) for p in self.pids) and time.monotonic() < deadline:
             time.sleep(0.2)
         for pid in self.pids:
             _signal_group(pid, signal.SIGKILL)
@@ -103,18 +105,6 @@ def _signal_group(pid: int, sig: int) -> None:
     except (ProcessLookupError, PermissionError):
         pass
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a finished child of the server is a zombie until the server reaps it: not running
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def wait_for_url(proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> str:

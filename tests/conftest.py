@@ -114,3 +114,15 @@ def chat_run(tmp_path_factory, small_corpus) -> Path:
     finally:
         os.chdir(cwd)
     return root / "chat"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The Chromium the browser tests drive (a failure that says how to get one when there is none)."""
+    from tests.servers import find_chromium
+
+    path = find_chromium()
+    if path is None:
+        pytest.fail("no Chromium found for the browser test: install it with `apt-get install chromium` "
+                    "(`make test` does this when run as root), or set GPTLAB_CHROMIUM=/path/to/chromium")
+    return path

@@ -16,21 +16,16 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.servers import Server, find_chromium
+from tests.servers import Server
 
 QUESTIONS = ["What is 12 + 7?", "And plus 3 more?"]
 REPLY = '[data-step-type="assistant_message"] .message-content'
 
 
-@pytest.fixture(scope="module")
-def chromium() -> str:
+@pytest.fixture(scope="module", autouse=True)
+def chainlit_installed() -> None:
     if importlib.util.find_spec("chainlit") is None:
         pytest.fail("chainlit is not installed: pip install 'gptlab[chainlit]' (make install puts in .[all])")
-    path = find_chromium()
-    if path is None:
-        pytest.fail("no Chromium found for the browser test: install it with `apt-get install chromium` "
-                    "(`make test` does this when run as root), or set GPTLAB_CHROMIUM=/path/to/chromium")
-    return path
 
 
 def expected_replies(run: Path, questions: list[str] = QUESTIONS) -> list[str]:

@@ -14,9 +14,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import pytest
-
-from tests.servers import Server, find_chromium, wait_idle
+from tests.servers import Server, wait_idle
 
 SYSTEM = "You answer in one line."
 FIRST = "What is 12 + 7?"
@@ -32,14 +30,6 @@ WATCH_REPLY = """() => {
   }).observe(document.querySelector('#chatbot'), {subtree: true, childList: true, characterData: true});
 }"""
 
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    path = find_chromium()
-    if path is None:
-        pytest.fail("no Chromium found for the browser test: install it with `apt-get install chromium` "
-                    "(`make test` does this when run as root), or set GPTLAB_CHROMIUM=/path/to/chromium")
-    return path
 
 
 def greedy_reply(run: Path, messages: list[dict[str, str]]) -> str:

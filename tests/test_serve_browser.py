@@ -8,20 +8,10 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-import pytest
-
-from tests.servers import find_chromium, main_server, wait_idle
+from tests.servers import main_server, wait_idle
 
 MODEL = "tiny"
 
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    path = find_chromium()
-    if path is None:
-        pytest.fail("no Chromium found for the browser test: install it with `apt-get install chromium` "
-                    "(`make test` does this when run as root), or set GPTLAB_CHROMIUM=/path/to/chromium")
-    return path
 
 
 def test_page_generates_in_a_real_browser(tiny_run, chromium, tmp_path):

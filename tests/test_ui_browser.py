@@ -18,18 +18,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.servers import Server, find_chromium
+from tests.servers import Server
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    path = find_chromium()
-    if path is None:
-        pytest.fail("no Chromium found for the browser test: install it with `apt-get install chromium` "
-                    "(`make test` does this when run as root), or set GPTLAB_CHROMIUM=/path/to/chromium")
-    return path
 
 
 def status_text(page) -> str:

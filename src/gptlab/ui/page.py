@@ -242,21 +242,19 @@ def build_ui_page(studio: Studio, title: str = "gptlab ui") -> Any:
             raise fail(e) from None
         return plan.run, describe_status(status)
 
-    def stop(run: str) -> str:
-        if not run:
-            raise gr.Error("no training to stop")
-        try:
-            return describe_status(studio.stop(run))
-        except GptlabError as e:
-            raise fail(e) from None
+    def control(verb: Any, nothing: str) -> Any:
+        """A Stop or Resume handler for the run the Train tab shows."""
+        def handle(run: str) -> str:
+            if not run:
+                raise gr.Error(nothing)
+            try:
+                return describe_status(verb(run))
+            except GptlabError as e:
+                raise fail(e) from None
+        return handle
 
-    def resume(run: str) -> str:
-        if not run:
-            raise gr.Error("no run to resume; pick one on the Runs tab")
-        try:
-            return describe_status(studio.resume(run))
-        except GptlabError as e:
-            raise fail(e) from None
+    stop = control(studio.stop, "no training to stop")
+    resume = control(studio.resume, "no run to resume; pick one on the Runs tab")
 
     def poll(run: str, shown: int, x: str) -> tuple[Any, Any, Any, int]:
         if not run:
