@@ -7,6 +7,7 @@ modules share one subprocess per set of flags (`shared_server`), stopped when py
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +156,20 @@ SHARED_FLAGS = ("--max-new-tokens-limit", "20000", "--max-n", "4", "--max-prompt
 def main_server(run: Path) -> Server:
     """The shared `gptlab serve RUN` of the serving tests."""
     return shared_server(str(run), *SHARED_FLAGS)
+
+
+@contextlib.contextmanager
+def browser_page(chromium: str, requests: list[str], viewport: tuple[int, int] = (1280, 900)) -> Iterator[Any]:
+    """A page of a headless Chromium that notes every URL it requests (websockets too) in `requests`."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]}, accept_downloads=True)
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("websocket", lambda ws: requests.append(ws.url))
+            yield page
+        finally:
+            browser.close()

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.servers import Server
+from tests.servers import Server, browser_page
 
 QUESTIONS = ["What is 12 + 7?", "And plus 3 more?"]
 REPLY = '[data-step-type="assistant_message"] .message-content'
@@ -46,7 +46,7 @@ def expected_replies(run: Path, questions: list[str] = QUESTIONS) -> list[str]:
 
 
 def test_chainlit_chat_in_a_real_browser(chat_run, chromium, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     work, temp = tmp_path / "work", tmp_path / "temp"
     work.mkdir()
@@ -55,26 +55,18 @@ def test_chainlit_chat_in_a_real_browser(chat_run, chromium, tmp_path):
     requests: list[str] = []
     try:
         assert f"{server.url}/chainlit" in server.output
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True,
-                                        args=["--no-sandbox", "--disable-dev-shm-usage"])
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
-                page.on("request", lambda r: requests.append(r.url))
-                page.on("websocket", lambda ws: requests.append(ws.url))
-                page.goto(server.url + "/chainlit", timeout=60_000)
-                replies = page.locator(REPLY)
-                for turn, question in enumerate(QUESTIONS, 1):
-                    page.locator("#chat-input").fill(question)
-                    page.locator("#chat-submit").click()
-                    expect(page.get_by_text(question)).to_be_visible(timeout=10_000)
-                    expect(replies).to_have_count(turn, timeout=20_000)
-                    expect(page.locator("#stop-button")).to_have_count(0, timeout=20_000)  # the reply is whole
-                shown = [" ".join(t.split()) for t in replies.all_inner_texts()]
-                page.get_by_text(QUESTIONS[0]).scroll_into_view_if_needed()  # both turns in the picture
-                page.screenshot(path=str(tmp_path / "chainlit.png"), full_page=True)
-            finally:
-                browser.close()
+        with browser_page(chromium, requests) as page:
+            page.goto(server.url + "/chainlit", timeout=60_000)
+            replies = page.locator(REPLY)
+            for turn, question in enumerate(QUESTIONS, 1):
+                page.locator("#chat-input").fill(question)
+                page.locator("#chat-submit").click()
+                expect(page.get_by_text(question)).to_be_visible(timeout=10_000)
+                expect(replies).to_have_count(turn, timeout=20_000)
+                expect(page.locator("#stop-button")).to_have_count(0, timeout=20_000)  # the reply is whole
+            shown = [" ".join(t.split()) for t in replies.all_inner_texts()]
+            page.get_by_text(QUESTIONS[0]).scroll_into_view_if_needed()  # both turns in the picture
+            page.screenshot(path=str(tmp_path / "chainlit.png"), full_page=True)
         health = httpx.get(f"{server.url}/health", timeout=5).json()
     finally:
         server.stop()

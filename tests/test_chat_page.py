@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tests.servers import Server, wait_idle
+from tests.servers import Server, browser_page, wait_idle
 
 SYSTEM = "You answer in one line."
 FIRST = "What is 12 + 7?"
@@ -40,7 +40,7 @@ def greedy_reply(run: Path, messages: list[dict[str, str]]) -> str:
 
 
 def test_chat_tab_holds_a_conversation(chat_run, chromium, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     first_turn = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": FIRST}]
     first_reply = greedy_reply(chat_run, first_turn)
@@ -52,42 +52,35 @@ def test_chat_tab_holds_a_conversation(chat_run, chromium, tmp_path):
     server = Server(str(chat_run))
     requests: list[str] = []
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True,
-                                        args=["--no-sandbox", "--disable-dev-shm-usage"])
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
-                page.on("request", lambda r: requests.append(r.url))
-                page.goto(server.url + "/", timeout=60_000)
-                page.get_by_role("tab", name="Chat").click()
-                settings = page.locator("#chat-settings")
-                for label, value in (("Temperature", "0"), ("Max new tokens", str(MAX_TOKENS))):
-                    box = settings.get_by_label(f"number input for {label}")
-                    box.fill(value)
-                    box.press("Enter")
-                page.locator("#system-prompt textarea").fill(SYSTEM)
-                page.evaluate(WATCH_REPLY)
-                message = page.locator("#chat-input textarea")
-                bots = page.locator("#chatbot [data-testid=bot]")
+        with browser_page(chromium, requests) as page:
+            page.goto(server.url + "/", timeout=60_000)
+            page.get_by_role("tab", name="Chat").click()
+            settings = page.locator("#chat-settings")
+            for label, value in (("Temperature", "0"), ("Max new tokens", str(MAX_TOKENS))):
+                box = settings.get_by_label(f"number input for {label}")
+                box.fill(value)
+                box.press("Enter")
+            page.locator("#system-prompt textarea").fill(SYSTEM)
+            page.evaluate(WATCH_REPLY)
+            message = page.locator("#chat-input textarea")
+            bots = page.locator("#chatbot [data-testid=bot]")
 
-                message.fill(FIRST)
-                message.press("Enter")
-                expect(bots.first).to_have_text(first_reply, timeout=30_000)  # whitespace-normalised
-                lengths = page.evaluate("window.replyLengths")
-                wait_idle(server.url, "chat")
+            message.fill(FIRST)
+            message.press("Enter")
+            expect(bots.first).to_have_text(first_reply, timeout=30_000)  # whitespace-normalised
+            lengths = page.evaluate("window.replyLengths")
+            wait_idle(server.url, "chat")
 
-                message.fill(SECOND)
-                message.press("Enter")
-                expect(bots.nth(1)).to_have_text(second_reply, timeout=30_000)
-                wait_idle(server.url, "chat")
-                users = page.locator("#chatbot [data-testid=user]")
-                expect(users).to_have_count(2)
-                expect(bots).to_have_count(2)
-                shown = [users.nth(0).inner_text(), users.nth(1).inner_text()]
-                answer = bots.nth(1).inner_text()
-                page.screenshot(path=str(tmp_path / "chat-tab.png"), full_page=True)
-            finally:
-                browser.close()
+            message.fill(SECOND)
+            message.press("Enter")
+            expect(bots.nth(1)).to_have_text(second_reply, timeout=30_000)
+            wait_idle(server.url, "chat")
+            users = page.locator("#chatbot [data-testid=user]")
+            expect(users).to_have_count(2)
+            expect(bots).to_have_count(2)
+            shown = [users.nth(0).inner_text(), users.nth(1).inner_text()]
+            answer = bots.nth(1).inner_text()
+            page.screenshot(path=str(tmp_path / "chat-tab.png"), full_page=True)
     finally:
         server.stop()
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.servers import Server
+from tests.servers import Server, browser_page
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def wait_status(page, word: str, timeout: float) -> str:
 
 
 def test_the_whole_path_in_a_real_browser(chromium, shakespeare_text, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     text_file = tmp_path / "my notes.txt"
     text_file.write_text(shakespeare_text[:120_000], encoding="utf-8")
@@ -49,76 +49,69 @@ def test_the_whole_path_in_a_real_browser(chromium, shakespeare_text, tmp_path):
     server = Server("--runs", tmp_path / "runs", "--data", tmp_path / "data", command="ui", cwd=tmp_path)
     requests: list[str] = []
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True,
-                                        args=["--no-sandbox", "--disable-dev-shm-usage"])
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
-                page.on("request", lambda r: requests.append(r.url))
-                page.goto(server.url + "/", timeout=60_000)
+        with browser_page(chromium, requests, (1400, 1000)) as page:
+            page.goto(server.url + "/", timeout=60_000)
 
-                # Data: upload, see what it holds, prepare.
-                page.locator("#upload-files input[type=file]").set_input_files(str(text_file))
-                expect(page.locator("#uploads")).to_contain_text("my_notes.txt", timeout=30_000)
-                expect(page.locator("#data-stats")).to_contain_text("distinct characters", timeout=30_000)
-                page.locator("#prepare").click()
-                expect(page.locator("#prepared")).to_contain_text("Prepared", timeout=60_000)
-                page.screenshot(path=str(shots / "ui-data.png"), full_page=True)
+            # Data: upload, see what it holds, prepare.
+            page.locator("#upload-files input[type=file]").set_input_files(str(text_file))
+            expect(page.locator("#uploads")).to_contain_text("my_notes.txt", timeout=30_000)
+            expect(page.locator("#data-stats")).to_contain_text("distinct characters", timeout=30_000)
+            page.locator("#prepare").click()
+            expect(page.locator("#prepared")).to_contain_text("Prepared", timeout=60_000)
+            page.screenshot(path=str(shots / "ui-data.png"), full_page=True)
 
-                # Train: ~20 seconds, evaluating often enough to see the chart move.
-                page.get_by_role("tab", name="Train").click()
-                expect(page.locator("#plan")).to_contain_text("parameters", timeout=30_000)
-                page.locator("#budget input").fill("0.35")
-                page.locator("#eval-interval input").fill("60")
-                page.locator("#run-name textarea").fill("first")
-                page.locator("#run-name textarea").press("Tab")
-                expect(page.locator("#plan")).to_contain_text("first", timeout=10_000)
-                page.locator("#start").click()
-                wait_status(page, "running", 60)
-                charts = chart_changes(page, lambda: evaluations(page) >= 2, timeout=90)
-                expect(page.locator("#live-sample textarea")).not_to_have_value("", timeout=30_000)
-                sample = page.locator("#live-sample textarea").input_value()
-                page.screenshot(path=str(shots / "ui-train.png"), full_page=True)
+            # Train: ~20 seconds, evaluating often enough to see the chart move.
+            page.get_by_role("tab", name="Train").click()
+            expect(page.locator("#plan")).to_contain_text("parameters", timeout=30_000)
+            page.locator("#budget input").fill("0.35")
+            page.locator("#eval-interval input").fill("60")
+            page.locator("#run-name textarea").fill("first")
+            page.locator("#run-name textarea").press("Tab")
+            expect(page.locator("#plan")).to_contain_text("first", timeout=10_000)
+            page.locator("#start").click()
+            wait_status(page, "running", 60)
+            charts = chart_changes(page, lambda: evaluations(page) >= 2, timeout=90)
+            expect(page.locator("#live-sample textarea")).not_to_have_value("", timeout=30_000)
+            sample = page.locator("#live-sample textarea").input_value()
+            page.screenshot(path=str(shots / "ui-train.png"), full_page=True)
 
-                # Stop saves; Resume continues from the same step.
-                page.locator("#stop-training").click()
-                stopped = wait_status(page, "stopped", 60)
-                page.locator("#resume").click()
-                wait_status(page, "running", 60)
-                finished = wait_status(page, "finished", 120)
+            # Stop saves; Resume continues from the same step.
+            page.locator("#stop-training").click()
+            stopped = wait_status(page, "stopped", 60)
+            page.locator("#resume").click()
+            wait_status(page, "running", 60)
+            finished = wait_status(page, "finished", 120)
 
-                # Runs: the table lists it.
-                page.get_by_role("tab", name="Runs").click()
-                expect(page.locator("#runs-table")).to_contain_text("first", timeout=30_000)
-                expect(page.locator("#runs-table")).to_contain_text("finished", timeout=30_000)
-                page.locator("#compare").get_by_label("first").check()
-                expect(page.locator("#compare-chart")).to_contain_text("val loss", timeout=30_000)
-                page.screenshot(path=str(shots / "ui-runs.png"), full_page=True)
+            # Runs: the table lists it.
+            page.get_by_role("tab", name="Runs").click()
+            expect(page.locator("#runs-table")).to_contain_text("first", timeout=30_000)
+            expect(page.locator("#runs-table")).to_contain_text("finished", timeout=30_000)
+            page.locator("#compare").get_by_label("first").check()
+            expect(page.locator("#compare-chart")).to_contain_text("val loss", timeout=30_000)
+            page.screenshot(path=str(shots / "ui-runs.png"), full_page=True)
 
-                # Generate from the new run.
-                page.get_by_role("tab", name="Generate").click()
-                expect(page.locator("#gen-model input")).to_have_value("first", timeout=30_000)
-                page.locator("#prompt textarea").fill("ROMEO:")
-                page.locator("#generate").click()
-                page.wait_for_function(
-                    "() => document.querySelector('#output textarea').value.length >= 'ROMEO:'.length + 100",
-                    timeout=60_000)
-                generated = page.locator("#output textarea").input_value()
-                page.screenshot(path=str(shots / "ui-generate.png"), full_page=True)
+            # Generate from the new run.
+            page.get_by_role("tab", name="Generate").click()
+            expect(page.locator("#gen-model input")).to_have_value("first", timeout=30_000)
+            page.locator("#prompt textarea").fill("ROMEO:")
+            page.locator("#generate").click()
+            page.wait_for_function(
+                "() => document.querySelector('#output textarea').value.length >= 'ROMEO:'.length + 100",
+                timeout=60_000)
+            generated = page.locator("#output textarea").input_value()
+            page.screenshot(path=str(shots / "ui-generate.png"), full_page=True)
 
-                # Share: the Hugging Face export as a zip, downloaded by the browser.
-                page.get_by_role("tab", name="Share").click()
-                expect(page.locator("#share-run input")).to_have_value("first", timeout=30_000)
-                page.locator("#share-hf").click()
-                link = page.locator("#share-file a").first
-                expect(link).to_be_visible(timeout=60_000)
-                with page.expect_download(timeout=60_000) as download:
-                    link.click()
-                zip_path = tmp_path / "export.zip"
-                download.value.save_as(str(zip_path))
-                page.screenshot(path=str(shots / "ui-share.png"), full_page=True)
-            finally:
-                browser.close()
+            # Share: the Hugging Face export as a zip, downloaded by the browser.
+            page.get_by_role("tab", name="Share").click()
+            expect(page.locator("#share-run input")).to_have_value("first", timeout=30_000)
+            page.locator("#share-hf").click()
+            link = page.locator("#share-file a").first
+            expect(link).to_be_visible(timeout=60_000)
+            with page.expect_download(timeout=60_000) as download:
+                link.click()
+            zip_path = tmp_path / "export.zip"
+            download.value.save_as(str(zip_path))
+            page.screenshot(path=str(shots / "ui-share.png"), full_page=True)
     finally:
         server.stop()
 
