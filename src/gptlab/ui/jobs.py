@@ -131,16 +131,8 @@ class Jobs:
     def status(self, name: str) -> dict[str, Any]:
         """Where a job stands: status, its last progress and eval, the log's tail when it failed."""
         run_dir = self.runs_dir / name
-        job = read_job(run_dir)
         events = rundir.read_events(run_dir)
-        if job is not None and "pid" not in job:
-            status = "queued"
-        elif self._pid(run_dir, job) is not None:
-            status = "running"
-        elif job is not None and not events:
-            status = "failed"  # the trainer ended before it could tell anything (a bad setting, a crash)
-        else:
-            status = rundir.training_status(run_dir, events)
+        status = job_status(run_dir, read_job(run_dir), events)
         session = _last_session(events)
         out: dict[str, Any] = {"name": name, "status": status, "position": self._position(name) if status == "queued" else 0}
         start = next((e for e in session if e["event"] == "start"), None)
@@ -260,17 +252,9 @@ class Jobs:
     def _job_dirs(self) -> list[Path]:
         return [p.parent for p in self.runs_dir.glob(f"*/{JOB}")]
 
-    def _pid(self, run_dir: Path, job: dict[str, Any] | None) -> int | None:
-        """The live process training `run_dir`: the trainer's lock, or (before it takes it) the job's own."""
-        pid = rundir.training_pid(run_dir)
-        if pid is not None:
-            return pid
-        if job is None or "pid" not in job or "exit_code" in job:
-            return None
-        child = self.children.get(run_dir.name)
-        if child is not None:
-            return child.pid if child.poll() is None else None
-        return job["pid"] if rundir.process_alive(job["pid"]) and _is_gptlab(job["pid"]) else None
+    @staticmethod
+    def _pid(run_dir: Path, job: dict[str, Any] | None) -> int | None:
+        return job_pid(run_dir, job)
 
     def _active(self, run_dir: Path) -> bool:
         job = read_job(run_dir)
@@ -283,6 +267,31 @@ class Jobs:
             return int(raw["train"].get("live_sample_tokens") or 0)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return 0
+
+
+def job_pid(run_dir: Path, job: dict[str, Any] | None) -> int | None:
+    """The live process training `run_dir`: the trainer's lock, or (before it takes it) the job's own.
+
+    An exited child the server has not reaped yet counts as gone (`rundir.process_alive`).
+    """
+    pid = rundir.training_pid(run_dir)
+    if pid is not None:
+        return pid
+    if job is None or not isinstance(job.get("pid"), int) or "exit_code" in job:
+        return None
+    return job["pid"] if rundir.process_alive(job["pid"]) and _is_gptlab(job["pid"]) else None
+
+
+def job_status(run_dir: Path, job: dict[str, Any] | None, events: list[dict[str, Any]] | None = None) -> str:
+    """queued, running, finished, stopped or failed: from the job record and the run folder alone."""
+    if job is not None and "pid" not in job:
+        return "queued"
+    if job_pid(run_dir, job) is not None:
+        return "running"
+    events = rundir.read_events(run_dir) if events is None else events
+    if job is not None and not events:
+        return "failed"  # the trainer ended before it could tell anything (a bad setting, a crash)
+    return rundir.training_status(run_dir, events)
 
 
 def _signal(pid: int, sig: int) -> bool:

@@ -20,7 +20,6 @@ Design choices:
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import re
@@ -37,14 +36,13 @@ from gptlab.errors import GptlabError
 from gptlab.folders import folder_kind
 from gptlab.fsutil import cause, check_writable_folder, fsync_dir, read_json_object
 from gptlab.tokenizer import ENDOFTEXT, GPT2Tokenizer, parse_spec
+from gptlab.ui.jobs import JOB, LOG, job_status, read_job
 
 UPLOADS = "uploads"
 KIND_LABELS = {"upload": "upload", "data": "data folder", "run": "run"}
-JOB = "job.json"  # written by the job runner before a run folder holds a run
-TRAIN_LOG = "train.log"
 EXPERIMENT_LOG_FOLDERS = ("tensorboard", "wandb")
 # Everything gptlab writes directly in a run folder; nothing else there is ever deleted.
-RUN_FOLDER_FILES = (*rundir.RUN_FILES, rundir.TEMPERATURE_PLOT, rundir.LOCK, JOB, TRAIN_LOG)
+RUN_FOLDER_FILES = (*rundir.RUN_FILES, rundir.TEMPERATURE_PLOT, rundir.LOCK, JOB, LOG)
 MAX_NAME = 80  # characters of a stored name, suffix included
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 PREVIEW_CHARS = 1000
@@ -430,21 +428,8 @@ class Workspace:
 
     @staticmethod
     def _status(path: Path, job: dict[str, Any] | None = None) -> str:
-        """queued, running, finished, stopped or failed (as the job runner and `rundir.training_status` say)."""
-        if job is None and (path / JOB).is_file():
-            try:
-                job = json.loads((path / JOB).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                job = None
-        job = job if isinstance(job, dict) else None
-        if rundir.training_pid(path) is not None:
-            return "running"
-        if job is not None and "pid" not in job:
-            return "queued"
-        if job is not None and "exit_code" not in job and isinstance(job.get("pid"), int) \
-                and rundir.process_alive(job["pid"]):
-            return "running"  # started, not yet holding the run's lock
-        return rundir.training_status(path)
+        """queued, running, finished, stopped or failed, as the job runner says (`jobs.job_status`)."""
+        return job_status(path, job if isinstance(job, dict) else read_job(path))
 
     def delete_run(self, name: str) -> None:
         """Delete a run folder's gptlab files, then the folder; refuse one that trains, keep anything else."""
