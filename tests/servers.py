@@ -104,11 +104,11 @@ def wait_healthy(url: str, timeout: float = 30.0) -> dict[str, Any]:
 
 
 def wait_idle(url: str, model: str, timeout: float = 5.0) -> float:
-    """Seconds until /health shows no generation running or waiting for `model`; fails after `timeout`."""
+    """Seconds until /health shows no generation running or waiting for `model`, and no rows in its batch; fails after `timeout`."""
     start = time.monotonic()
     while True:
         stats = httpx.get(f"{url}/health", timeout=5).json()["models"][model]
-        if stats["running"] == 0 and stats["waiting"] == 0:
+        if stats["running"] == 0 and stats["waiting"] == 0 and stats.get("batch_rows", 0) == 0:
             return time.monotonic() - start
         assert time.monotonic() - start < timeout, f"{model} still busy after {timeout} s: {stats}"
         time.sleep(0.05)

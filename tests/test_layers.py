@@ -16,7 +16,7 @@ LAYERS = [
     ["config", "distributed", "sizing"],
     ["rundir", "tokenizer", "device"],
     ["data", "model", "copycheck", "chat"],
-    ["optim", "checkpoint", "engine"],
+    ["optim", "checkpoint", "engine", "batching"],
     ["generation", "evaluate", "report", "experiment_logs"],
     ["train", "hf"],
     ["pipeline", "serve"],

@@ -170,10 +170,15 @@ def test_page_asks_for_the_key(keyed):
 
 
 def test_error_after_the_stream_began_is_an_event(tiny_run):
+    from gptlab.errors import GptlabError
     from gptlab.serve import Limits, build_app, load_models
 
     models = load_models([tiny_run], Limits(concurrency=1, queue_size=2))
-    models[0].model.engine.slide = 0  # a setting the decode loop refuses once it starts
+
+    def broken_step(idx, cache):  # the first token comes from the prefill; the step after it fails
+        raise GptlabError("slide must be from 1 to the context length (an injected failure)")
+
+    models[0].model.model.decode_step = broken_step
     server = ThreadServer(build_app(models, page=False))
     try:
         with httpx.stream("POST", f"{server.url}/v1/completions",

@@ -93,7 +93,7 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a window's keys/values (b, nh, T, hs) for `layer` in an empty cache; return what attention reads.
 
-        Tokens after the window go through `write` (one position at a time, read under `visible`).
+        Tokens after the window go through `write_step` (one position at a time, read under `step_mask`).
         """
         T = k.size(2)
         if self.pos != 0:
@@ -105,17 +105,21 @@ class KVCache:
         self.v[layer].narrow(2, 0, T).copy_(v)
         return k, v  # a window filling the cache attends to itself (causally)
 
-    def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_positions(self) -> int:
+        """Where the next token goes: the same position for every row."""
+        return self.pos
+
+    def write_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one position's keys/values (B, nh, 1, hs) at `pos`; return the whole cache of `layer`.
 
-        Positions past `pos` hold stale or zero values: read them under the mask `visible(pos)`.
+        Positions past `pos` hold stale or zero values: read them under the mask `step_mask()`.
         """
-        index = self._index[pos]
+        index = self._index[self.pos]
         return self.k[layer].index_copy_(2, index, k), self.v[layer].index_copy_(2, index, v)
 
-    def visible(self, pos: int) -> torch.Tensor:
+    def step_mask(self) -> torch.Tensor:
         """Attention mask (1, 1, 1, max_len) for a query at `pos`: True at positions 0..pos."""
-        return self._visible[pos]
+        return self._visible[self.pos]
 
 
 # ---- sampling: pure functions over logits (B, V) ----
@@ -200,10 +204,12 @@ def make_generator(device: torch.device | str, seed: int | None) -> torch.Genera
 
 # ---- the decode loop ----
 
-def decode_threads(model: torch.nn.Module) -> int:
-    """Intra-op threads for decoding: one for a small model on the CPU, else torch's current setting."""
+def decode_threads(model: torch.nn.Module, available: int | None = None) -> int:
+    """Intra-op threads for decoding: one for a small model on the CPU, else `available` (default: torch's current setting)."""
     on_cpu = next(model.parameters()).device.type == "cpu"
-    return 1 if on_cpu and model.config.n_embd <= SMALL_WIDTH else torch.get_num_threads()
+    if on_cpu and model.config.n_embd <= SMALL_WIDTH:
+        return 1
+    return available or torch.get_num_threads()
 
 
 def default_slide(block_size: int) -> int:

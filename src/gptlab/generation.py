@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from gptlab.batching import BatchEngine
 from gptlab.checkpoint import load_weights_into
 from gptlab.config import ModelConfig, SampleConfig, invalid_unicode_at
 from gptlab.device import autodetect_device
@@ -121,6 +122,16 @@ class TextModel:
         self.data_dir = data_dir or None
         self.engine = Engine(model, eot_id=tokenizer.eot_id, slide=slide, stop_ids=getattr(tokenizer, "stop_ids", ()))
         self.token_bytes = tokenizer.token_bytes
+
+    def batched(self, max_rows: int, threads: int | None = None) -> TextModel:
+        """Decode calls made at the same time, from any threads, together in one batch (gptlab/batching.py); self.
+
+        `max_rows`: most samples decoded at once; `threads`: the decoder's intra-op threads.
+        """
+        e = self.engine
+        self.engine = BatchEngine(self.model, eot_id=e.eot_id, slide=e.slide, stop_ids=e.more_stops,
+                                  max_rows=max_rows, threads=threads)
+        return self
 
     @property
     def config(self) -> ModelConfig:

@@ -21,7 +21,8 @@ Design choices:
 - Optional biases (nanoGPT found them unneeded for small models), optional dropout.
 - Generation has its own entry, `forward_cached(idx, cache)`: the same blocks written out flat with
   functional calls, reading and extending a KV cache (the engine's `KVCache`: `pos`, `advance(n)`,
-  `update(layer, k, v)` for a window, `write(layer, pos, k, v)` and `visible(pos)` for one token),
+  `update(layer, k, v)` for a window; `step_positions()`, `write_step(layer, k, v)` and `step_mask()` for one
+  token per row, see `decode_step`),
   returning the logits of the last position only, (B, vocab). At one token per step a small model's cost is Python overhead, not arithmetic: each
   module call costs ~7 us here against ~11 us for a 128x384 matmul, and the flat path decodes the
   cpu-tiny shape about twice as fast as calling the modules. It is for inference only (no dropout,
@@ -216,7 +217,7 @@ class GPT(LanguageModel):
         if start == 0 or self._decode is None:
             self._decode = _DecodeTensors.refresh(self, self._decode)
         if T == 1 and start > 0:
-            return self._decode_one(idx, cache)
+            return self.decode_step(idx, cache)
         C, nh, eps = self.config.n_embd, self.config.n_head, self.config.norm_eps
         d = self._decode
         # Rows are (B*T, C) throughout, so every linear is one matmul. Slicing the position table is
@@ -234,23 +235,28 @@ class GPT(LanguageModel):
         x = torch.layer_norm(x.view(B, T, C)[:, -1, :], (C,), *d.ln_f, eps)  # only the last position  (B, C)
         return _linear(x, *d.head)  # (B, vocab_size)
 
-    def _decode_one(self, idx: torch.Tensor, cache: Any) -> torch.Tensor:
-        """`forward_cached` for one new token per row after the prefill: the step the decode loop repeats.
+    def decode_step(self, idx: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Logits (B, vocab_size) for one new token per row, `idx` (B, 1), after a prefill: the step the decode loop repeats.
 
-        Attention reads the whole preallocated cache under a mask of the filled positions rather than
-        a narrowed view of it: SDPA runs a contiguous cache faster, and the mask is one row of a table
-        made once per cache, so a step costs fewer and cheaper ops (cpu-tiny: ~1.4x more tokens/s).
+        The cache says where each row is (`step_positions()`: one int for every row, or a (B,) tensor
+        when rows of a batch sit at different positions), stores the new keys and values
+        (`write_step`) and gives the mask of what each row sees (`step_mask()`). Attention reads the
+        whole preallocated cache under that mask rather than a narrowed view of it: SDPA runs a
+        contiguous cache faster, and the mask is one row of a table made once per cache, so a step
+        costs fewer and cheaper ops (cpu-tiny: ~1.4x more tokens/s).
         """
+        if self._decode is None:
+            self._decode = _DecodeTensors.refresh(self, None)
         B = idx.size(0)
         C, nh, eps = self.config.n_embd, self.config.n_head, self.config.norm_eps
         d = self._decode
-        n = cache.pos
-        x = torch.embedding(d.wte, idx.view(B)) + d.wpe_rows[n]  # (B, C)
-        visible = cache.visible(n)  # (1, 1, 1, max_len): positions 0..n
+        pos = cache.step_positions()
+        x = torch.embedding(d.wte, idx.view(B)) + (d.wpe_rows[pos] if isinstance(pos, int) else torch.embedding(d.wpe, pos))
+        visible = cache.step_mask()  # (1 or B, 1, 1, cached positions)
         for layer, (ln_1, attn, proj, ln_2, fc, mlp_proj, act) in enumerate(d.layers):
             h = torch.layer_norm(x, (C,), *ln_1, eps)
             q, k, v = _linear(h, *attn).view(B, 3, nh, 1, C // nh).unbind(1)  # (B, nh, 1, hs)
-            k, v = cache.write(layer, n, k, v)  # (B, nh, max_len, hs)
+            k, v = cache.write_step(layer, k, v)  # (B, nh, cached positions, hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # (B, nh, 1, hs)
             x = _linear(y.view(B, C), *proj, residual=x)
             h = act(_linear(torch.layer_norm(x, (C,), *ln_2, eps), *fc))
@@ -399,31 +405,60 @@ class Llama(LanguageModel):
         self._check_cached(T, start)
         if start == 0 or self._decode is None:
             self._decode = _LlamaDecodeTensors.refresh(self, self._decode)
+        if T == 1 and start > 0:
+            return self.decode_step(idx, cache)
         d = self._decode
         c = self.config
-        C, nh, nkv, hs, eps = c.n_embd, c.n_head, c.kv_heads, c.head_size, c.norm_eps
-        one = T == 1 and start > 0
-        cos, sin = (d.cos_rows[start], d.sin_rows[start]) if one else (d.cos[start : start + T], d.sin[start : start + T])
-        visible = cache.visible(start) if one else None
+        C, nh, nkv, eps = c.n_embd, c.n_head, c.kv_heads, c.norm_eps
+        cos, sin = d.cos[start : start + T], d.sin[start : start + T]
         x = torch.embedding(d.wte, idx).view(B * T, C)  # rows are (B*T, C) throughout: one matmul per linear
         for layer, (ln_1, qkv, qk_norm, proj, ln_2, gate_up, down) in enumerate(d.layers):
-            h = _linear(F.rms_norm(x, (C,), ln_1, eps), *qkv).view(B, T, nh + 2 * nkv, hs).transpose(1, 2)
-            qk, v = h.split((nh + nkv, nkv), dim=1)  # (B, heads, T, hs): queries and keys are rotated together
-            if qk_norm is not None:
-                qk = F.rms_norm(qk, (hs,), None, eps) * qk_norm
-            q, k = apply_rope(qk, cos, sin).split((nh, nkv), dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
-            if one:  # the whole preallocated cache under a mask of the filled positions (see GPT._decode_one)
-                k, v = cache.write(layer, start, k, v)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=nkv != nh)
-            else:
-                k, v = cache.update(layer, k, v)
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=nkv != nh)
-            x = _linear(y.transpose(1, 2).reshape(B * T, C), *proj, residual=x)
-            gate, up = _linear(F.rms_norm(x, (C,), ln_2, eps), *gate_up).chunk(2, dim=1)
-            x = _linear(F.silu(gate) * up, *down, residual=x)
+            q, k, v = self._qkv(x, B, T, qkv, qk_norm, ln_1, cos, sin)
+            k, v = cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=nkv != nh)
+            x = self._mlp(_linear(y.transpose(1, 2).reshape(B * T, C), *proj, residual=x), ln_2, gate_up, down)
         cache.advance(T)
         x = F.rms_norm(x.view(B, T, C)[:, -1, :], (C,), d.norm, eps)  # only the last position  (B, C)
         return _linear(x, *d.head)  # (B, vocab_size)
+
+    def decode_step(self, idx: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Logits (B, vocab_size) for one new token per row, `idx` (B, 1), after a prefill (see GPT.decode_step)."""
+        if self._decode is None:
+            self._decode = _LlamaDecodeTensors.refresh(self, None)
+        d = self._decode
+        c = self.config
+        B, C, nh, nkv, eps = idx.size(0), c.n_embd, c.n_head, c.kv_heads, c.norm_eps
+        pos = cache.step_positions()
+        if isinstance(pos, int):
+            cos, sin = d.cos_rows[pos], d.sin_rows[pos]
+        else:  # each row at its own position: (B, 1, 1, hs), broadcast over the heads
+            cos, sin = d.cos[pos].view(B, 1, 1, -1), d.sin[pos].view(B, 1, 1, -1)
+        visible = cache.step_mask()
+        x = torch.embedding(d.wte, idx.view(B))
+        for layer, (ln_1, qkv, qk_norm, proj, ln_2, gate_up, down) in enumerate(d.layers):
+            q, k, v = self._qkv(x, B, 1, qkv, qk_norm, ln_1, cos, sin)
+            k, v = cache.write_step(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=nkv != nh)
+            x = self._mlp(_linear(y.reshape(B, C), *proj, residual=x), ln_2, gate_up, down)
+        cache.advance(1)
+        return _linear(F.rms_norm(x, (C,), d.norm, eps), *d.head)  # (B, vocab_size)
+
+    def _qkv(self, x: torch.Tensor, B: int, T: int, qkv: tuple, qk_norm: torch.Tensor | None, ln_1: torch.Tensor,
+             cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries (B, nh, T, hs) and keys (B, nkv, T, hs), and values, of rows `x` (B*T, C)."""
+        c = self.config
+        nh, nkv, hs, eps = c.n_head, c.kv_heads, c.head_size, c.norm_eps
+        h = _linear(F.rms_norm(x, (c.n_embd,), ln_1, eps), *qkv).view(B, T, nh + 2 * nkv, hs).transpose(1, 2)
+        qk, v = h.split((nh + nkv, nkv), dim=1)  # (B, heads, T, hs): queries and keys are rotated together
+        if qk_norm is not None:
+            qk = F.rms_norm(qk, (hs,), None, eps) * qk_norm
+        q, k = apply_rope(qk, cos, sin).split((nh, nkv), dim=1)
+        return q, k, v
+
+    def _mlp(self, x: torch.Tensor, ln_2: torch.Tensor, gate_up: tuple, down: tuple) -> torch.Tensor:
+        """x + the SwiGLU MLP of norm(x), for rows (N, C)."""
+        gate, up = _linear(F.rms_norm(x, (self.config.n_embd,), ln_2, self.config.norm_eps), *gate_up).chunk(2, dim=1)
+        return _linear(F.silu(gate) * up, *down, residual=x)
 
     def block_matrices(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """The blocks' 2-D weights: (none fused, all of them), as GPT.block_matrices gives them to Muon."""

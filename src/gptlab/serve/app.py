@@ -188,7 +188,7 @@ def api_app(models: Mapping[str, ServedModel], limits: Limits, api_key: str | No
     async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
         for m in getattr(models, "loaded", models).values():  # a lazy shelf stops only what it loaded
-            m.queue.shutdown()
+            m.close()
 
     app = FastAPI(title="gptlab", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.add_middleware(ApiGuard, api_key=api_key,
@@ -206,7 +206,7 @@ def api_app(models: Mapping[str, ServedModel], limits: Limits, api_key: str | No
     async def health() -> dict[str, Any]:
         """Up, and what each loaded model is doing."""
         loaded = getattr(models, "loaded", models)
-        return {"status": "ok", "models": {name: m.queue.stats() for name, m in loaded.items()}}
+        return {"status": "ok", "models": {name: {**m.queue.stats(), **m.batch_stats()} for name, m in loaded.items()}}
 
     app.include_router(build_router(models, limits))
     return app

@@ -61,6 +61,18 @@ class ServedModel:
 
         check_memory(self.model.model, config, min(prompt_tokens, self.model.config.block_size))
 
+    def batch_stats(self) -> dict[str, int]:
+        """What its batch engine is decoding (rows, requests, waiting) and has decoded (steps, widest)."""
+        stats = getattr(self.model.engine, "stats", None)
+        return {f"batch_{k}": v for k, v in stats().items()} if stats is not None else {}
+
+    def close(self) -> None:
+        """Stop its generations (each ends with an error) and its decoder."""
+        self.queue.shutdown()
+        close = getattr(self.model.engine, "close", None)
+        if close is not None:
+            close()
+
     def work(self, prompts: Sequence[str | list[dict[str, str]]],
              config: SampleConfig) -> Iterator[tuple[int, str, Finish | None]]:
         """(choice index, piece, finish) for every prompt (text, or chat messages) in turn, `config.num_samples` each."""
@@ -95,14 +107,13 @@ def load_models(runs: Sequence[str | Path], limits: Limits, checkpoint: str = "b
     from gptlab.generation import load
 
     checked = checked or check_runs(runs, checkpoint)
-    threads = limits.threads_per_generation(len(runs))
     served = []
     for (name, files), run in zip(checked, runs):
-        tm = load(run, checkpoint, device, files=files)
+        tm = load(run, checkpoint, device, files=files).batched(limits.batch_rows(), limits.decoder_threads(len(runs)))
         config_path = Path(run) / "config.json"
         served.append(ServedModel(
             name=name, model=tm, summary=run_summary(run, files), created=int(config_path.stat().st_mtime),
-            queue=GenerationQueue(limits.concurrency, limits.queue_size, threads, name),
+            queue=GenerationQueue(limits.concurrency, limits.queue_size, 1, name),
         ))
     return served
 

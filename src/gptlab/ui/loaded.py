@@ -30,9 +30,7 @@ class LoadedRuns(Mapping[str, ServedModel]):
 
     def names(self) -> list[str]:
         """Runs that have weights to sample, newest first."""
-        found = [p for p in self.runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-                 and folder_kind(p) == "run" and rundir.weights_path(p, "best").is_file()] \
-            if self.runs_dir.is_dir() else []
+        found = [p for p in self.runs_dir.iterdir() if _samplable(p)] if self.runs_dir.is_dir() else []
         return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
 
     def __iter__(self) -> Iterator[str]:
@@ -42,7 +40,9 @@ class LoadedRuns(Mapping[str, ServedModel]):
         return len(self.names())
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self.names()
+        # Only the named folder is looked at: the API asks for every request.
+        return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+                and _samplable(self.runs_dir / name))
 
     def __getitem__(self, name: str) -> ServedModel:
         if name not in self:
@@ -61,9 +61,9 @@ class LoadedRuns(Mapping[str, ServedModel]):
         from gptlab.generation import load
 
         files = rundir.check_run(run_dir, "best")
-        tm = load(run_dir, "best", self.device, files=files)
+        tm = load(run_dir, "best", self.device, files=files).batched(self.limits.batch_rows(), self.threads)
         queue = previous.queue if previous is not None else GenerationQueue(
-            self.limits.concurrency, self.limits.queue_size, self.threads, name, self.on_busy)
+            self.limits.concurrency, self.limits.queue_size, 1, name, self.on_busy)
         served = ServedModel(name=name, model=tm, queue=queue, summary=rundir.run_summary(run_dir, files),
                              created=int((run_dir / rundir.CONFIG).stat().st_mtime))
         self.loaded[name] = served
@@ -75,4 +75,10 @@ class LoadedRuns(Mapping[str, ServedModel]):
             served = self.loaded.pop(name, None)
             self.stamps.pop(name, None)
         if served is not None:
-            served.queue.shutdown()
+            served.close()
+
+
+def _samplable(path: Path) -> bool:
+    """A run folder (not hidden) with weights to sample."""
+    return (not path.name.startswith(".") and path.is_dir() and folder_kind(path) == "run"
+            and rundir.weights_path(path, "best").is_file())
