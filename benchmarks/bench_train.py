@@ -14,6 +14,11 @@ fresh process of its own, so neither inherits the other's heap or library settin
 twice: eagerly (its default for CPU runs shorter than 30 minutes) and with `--compile on`; the
 compile happens in warm-up steps, which are not timed.
 
+Where the CPU has bf16 instructions (AVX512-BF16, AMX), gptlab also runs eagerly under bf16
+autocast (`--dtype bfloat16`), and its row gives its speed over gptlab's float32 row ("vs f32")
+beside the probe's prediction for that width, which is what `--dtype auto` decides by (gptlab/device.py).
+Without those instructions the row is skipped with a note: bf16 runs >100x slower there.
+
 A shared machine's speed moves by 10-20% within seconds, so the trainers take turns (`--repeats`),
 and each trainer's figure is its fastest run (the median step of that run): what it does when the
 machine lets it. Every run's median is printed beside it.
@@ -22,6 +27,8 @@ machine lets it. Every run's median is printed beside it.
     python benchmarks/bench_train.py --shapes recipe # one shape
     python benchmarks/bench_train.py --repeats 3     # alternate the trainers three times per shape
     python benchmarks/bench_train.py --compile off   # gptlab eagerly only
+    python benchmarks/bench_train.py --dtype float32 # no bf16 autocast row
+    python benchmarks/bench_train.py --shapes recipe --steps 20  # a quick look: fewer timed steps
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 TRAINER_COMPILED = "gptlab compiled"  # `gptlab train --compile on`
+TRAINER_BF16 = "gptlab bf16"  # `gptlab train --dtype bfloat16`, eager
 OURS = {"off": ["gptlab"], "on": [TRAINER_COMPILED], "both": ["gptlab", TRAINER_COMPILED]}  # by --compile
 
 SHAPES = {
@@ -152,7 +160,7 @@ def reference_step_seconds(shape: dict, vocab_size: int, data_dir: Path, seed: i
     return times[shape["warmup"]:]
 
 
-def ours_step_seconds(shape: dict, data_dir: Path, out: Path, compile: str = "off") -> list[float]:
+def ours_step_seconds(shape: dict, data_dir: Path, out: Path, compile: str = "off", dtype: str = "float32") -> list[float]:
     """Per-step wall time of gptlab's own training loop (evaluation time and the warm-up steps, in
     which `torch.compile` does its work, excluded)."""
     from gptlab.config import resolve_config
@@ -162,7 +170,7 @@ def ours_step_seconds(shape: dict, data_dir: Path, out: Path, compile: str = "of
         n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"], block_size=shape["block_size"],
         dropout=0.0, bias=shape["tokenizer"] == "gpt2", batch_size=shape["batch_size"], data=str(data_dir), out=str(out),
         max_iters=shape["warmup"] + shape["steps"], eval_interval=10**6, eval_iters=1, num_samples=0,
-        compile=compile, dtype="float32",
+        compile=compile, dtype=dtype,
     )
     model_cfg, cfg = resolve_config(None, None, overrides)
     return train(model_cfg, cfg, quiet=True, overwrite=True).step_seconds[shape["warmup"]:]
@@ -179,10 +187,10 @@ def flops_per_token(shape: dict, vocab_size: int) -> int:
         return GPT(config).flops_per_token()
 
 
-def measure_in_child(trainer: str, name: str, data_dir: Path, tmp: Path, threads: int) -> list[float]:
+def measure_in_child(trainer: str, name: str, data_dir: Path, tmp: Path, threads: int, steps: int | None) -> list[float]:
     """Run one trainer on one shape in a fresh process: neither inherits the other's heap or settings."""
     cmd = [sys.executable, __file__, "--child", trainer, "--shapes", name, "--data-dir", str(data_dir),
-           "--tmp", str(tmp), "--threads", str(threads)]
+           "--tmp", str(tmp), "--threads", str(threads), *(["--steps", str(steps)] if steps else [])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["times"]
 
@@ -191,12 +199,13 @@ def vocab_size(data_dir: Path) -> int:
     return json.loads((data_dir / "meta.json").read_text())["vocab_size"]
 
 
-def child(trainer: str, name: str, data_dir: Path, tmp: Path) -> int:
-    shape = SHAPES[name]
+def child(trainer: str, name: str, data_dir: Path, tmp: Path, steps: int | None) -> int:
+    shape = dict(SHAPES[name], **({"steps": steps} if steps else {}))
     if trainer == "nanoGPT":
         times = reference_step_seconds(shape, vocab_size(data_dir), data_dir)
     else:
-        times = ours_step_seconds(shape, data_dir, tmp / f"run-{name}", "on" if trainer == TRAINER_COMPILED else "off")
+        times = ours_step_seconds(shape, data_dir, tmp / f"run-{name}", "on" if trainer == TRAINER_COMPILED else "off",
+                                  "bfloat16" if trainer == TRAINER_BF16 else "float32")
     print(json.dumps({"times": times}))
     return 0
 
@@ -209,21 +218,28 @@ def main() -> int:
                         help="alternate the trainers this many times per shape; each trainer's fastest run counts")
     parser.add_argument("--compile", choices=list(OURS), default="both",
                         help="gptlab eagerly, with --compile on, or both (default), each its own row")
-    parser.add_argument("--child", choices=["gptlab", TRAINER_COMPILED, "nanoGPT"], help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help="timed steps per run (default: each shape's own)")
+    parser.add_argument("--dtype", choices=["float32", "both"], default="both",
+                        help="gptlab in float32 only, or also eagerly under bf16 autocast (default; CPUs with bf16 only)")
+    parser.add_argument("--child", choices=["gptlab", TRAINER_COMPILED, TRAINER_BF16, "nanoGPT"], help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        return child(args.child, args.shapes[0], args.data_dir, args.tmp)
+        return child(args.child, args.shapes[0], args.data_dir, args.tmp, args.steps)
 
     from gptlab.data import prepare
+    from gptlab.device import bf16_speedup, cpu_has_native_bf16, detect_cpu_bf16
 
     peak = matmul_peak_gflops()
     print(f"torch {torch.__version__}, {args.threads} threads, float32 matmul peak {peak:,.0f} GFLOP/s (measured)")
     print("each trainer runs in its own process; the ratio is gptlab's tokens/s over the reference's")
+    bf16 = args.dtype == "both" and cpu_has_native_bf16()
+    if args.dtype == "both" and not bf16:
+        print(f"no bf16 autocast row: {detect_cpu_bf16().why_not_native()}")
     print()
-    header = f"{'shape':<11} {'trainer':<16} {'ms/iter':>9} {'tokens/s':>10} {'MFU':>6}   ratio  (ms/iter of each run)"
+    header = f"{'shape':<11} {'trainer':<16} {'ms/iter':>9} {'tokens/s':>10} {'MFU':>6}   ratio  vs f32  (ms/iter of each run)"
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -234,11 +250,11 @@ def main() -> int:
             kind = shape["tokenizer"]
             if kind not in prepared:
                 prepared[kind] = prepare(["shakespeare"], kind, tmp / f"data-{kind}", log=lambda *a: None)
-            trainers = ["nanoGPT", *OURS[args.compile]]
+            trainers = ["nanoGPT", *OURS[args.compile], *([TRAINER_BF16] if bf16 else [])]
             run_medians: dict[str, list[float]] = {trainer: [] for trainer in trainers}
             for _ in range(args.repeats):
                 for trainer in trainers:
-                    times = measure_in_child(trainer, name, prepared[kind], tmp, args.threads)
+                    times = measure_in_child(trainer, name, prepared[kind], tmp, args.threads, args.steps)
                     run_medians[trainer].append(statistics.median(times))
             flops = flops_per_token(shape, vocab_size(prepared[kind]))
             tokens_per_step = shape["batch_size"] * shape["block_size"]
@@ -249,11 +265,18 @@ def main() -> int:
                 step = min(run_medians[label])
                 tps = tokens_per_step / step
                 rows.append((label, step, tps, flops * tps / (peak * 1e9)))
+            float32_tps = {label: tps for label, _, tps, _ in rows}.get("gptlab")
             for label, step, tps, mfu in rows:
                 ratio = f"{tps / rows[0][2]:.2f}x" if label != "nanoGPT" else ""
+                vs_f32 = f"{tps / float32_tps:.2f}x" if label == TRAINER_BF16 and float32_tps else ""
                 runs = " ".join(f"{m * 1e3:.1f}" for m in run_medians[label])
-                print(f"{name:<11} {label:<16} {step * 1e3:>9.1f} {tps:>10,.0f} {mfu:>6.1%}   {ratio:<6} runs: {runs}")
+                print(f"{name:<11} {label:<16} {step * 1e3:>9.1f} {tps:>10,.0f} {mfu:>6.1%}   {ratio:<6} {vs_f32:<6}  "
+                      f"runs: {runs}")
             print(f"{'':<11} (MFU against the best peak measured so far: {peak:,.0f} GFLOP/s)")
+            if bf16:
+                probe, _ = bf16_speedup(shape["n_embd"])
+                print(f"{'':<11} (the probe --dtype auto decides by: bf16 autocast {probe.speedup:.2f}x float32 "
+                      f"at width {probe.width})")
             sys.stdout.flush()
     return 0
 
