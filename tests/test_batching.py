@@ -38,14 +38,6 @@ def model(request):
                                    vocab_size=70, **extra)).eval()
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def alone(model, prompt, config):
     return Engine(model).generate(prompt, config)
 

@@ -130,6 +130,8 @@ def add_model_commands(sub: Any) -> None:
                    help="n-gram length in tokens for --check-copying (default: 8)")
     s.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
+    s.add_argument("--quantize", default="none", metavar="KIND",
+                    help="weights to decode with: none (float32 as trained), bf16, or int8 per channel (default: 'none')")
     add_config_flags(s, SampleConfig, "sampling")
 
     c = sub.add_parser("chat", help="talk to a run fine-tuned for chat, in the terminal",
@@ -139,6 +141,8 @@ def add_model_commands(sub: Any) -> None:
     c.add_argument("--system", default="", help="a system message that starts the conversation")
     c.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
+    c.add_argument("--quantize", default="none", metavar="KIND",
+                    help="weights to decode with: none (float32 as trained), bf16, or int8 per channel (default: 'none')")
     add_config_flags(c, SampleConfig, "sampling", skip=("num_samples",))
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on text",
@@ -200,6 +204,8 @@ def add_model_commands(sub: Any) -> None:
     add_config_flags(sv, Limits, "limits")
     sv.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
+    sv.add_argument("--quantize", default="none", metavar="KIND",
+                    help="weights to decode with: none (float32 as trained), bf16, or int8 per channel (default: 'none')")
     sv.add_argument("--chainlit", action="store_true",
                     help="also serve a Chainlit chat at /chainlit (pip install 'gptlab[chainlit]')")
 
@@ -329,7 +335,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # a warning (a cropped prompt) is one line on stderr
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr, flush=True)
-        tm = load(args.run, args.checkpoint, args.device)
+        tm = load(args.run, args.checkpoint, args.device, quantize=args.quantize)
         if args.check_copying:  # find the training text before spending time on samples
             from gptlab.data import load_tokens
 
@@ -367,7 +373,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     config = SampleConfig(**settings)  # every bad value is reported here, before torch loads
     from gptlab.generation import load
 
-    tm = load(args.run, args.checkpoint, args.device)
+    tm = load(args.run, args.checkpoint, args.device, quantize=args.quantize)
     if not tm.chats:
         raise GptlabError(f"{args.run} was not fine-tuned for chat; fine-tune it first: gptlab train --init-from "
                           f"{args.run} --chat conversations.jsonl --out runs/chat (or sample it with gptlab sample)")
@@ -502,7 +508,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gptlab.serve.app import serve
 
     serve(args.runs, host=args.host, port=args.port, api_key=args.api_key, limits=limits,
-          checkpoint=args.checkpoint, device=args.device, chainlit=args.chainlit)
+          checkpoint=args.checkpoint, device=args.device, chainlit=args.chainlit, quantize=args.quantize)
     return 0
 
 

@@ -40,6 +40,7 @@ from gptlab.device import autodetect_device
 from gptlab.engine import Engine, check_memory
 from gptlab.errors import GptlabError
 from gptlab.model import LanguageModel, build_model
+from gptlab.quantize import check_kind, quantize_model_
 from gptlab.rundir import RunFiles, check_run
 from gptlab.tokenizer import Tokenizer, start_ids
 
@@ -271,11 +272,16 @@ def _config(config: SampleConfig | None, settings: dict[str, Any]) -> SampleConf
 
 
 def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto", slide: int | None = None,
-         files: RunFiles | None = None) -> TextModel:
-    """Load a run folder (config, tokenizer, weights) ready to generate text (`files`: the run, already opened)."""
+         files: RunFiles | None = None, quantize: str | None = None) -> TextModel:
+    """Load a run folder (config, tokenizer, weights) ready to generate text (`files`: the run, already opened).
+
+    `quantize`: the weights to decode with, "bf16" or "int8" (gptlab/quantize.py); None keeps float32.
+    """
     run_dir = Path(run_dir)
+    target = autodetect_device(device)
+    check_kind(quantize, target)  # a bad kind is named before the weights load
     files = files or check_run(run_dir, checkpoint)
     model = build_model(files.model_cfg)
     load_weights_into(model, files.weights)
-    model.to(autodetect_device(device))
+    quantize_model_(model.to(target), quantize)
     return TextModel(model, files.tokenizer, run_dir=run_dir, data_dir=files.train_cfg.data, slide=slide)

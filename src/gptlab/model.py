@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from gptlab.config import ModelConfig
+from gptlab.quantize import Int8Weight, int8_linear, quantize_int8
 
 
 class LanguageModel(nn.Module):
@@ -48,6 +49,7 @@ class LanguageModel(nn.Module):
 
     arch: str  # the `ModelConfig.arch` the class builds
     _decode: Any = None
+    decode_weights = "float"  # or "int8": the decode path's matrices (gptlab/quantize.py)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -478,10 +480,15 @@ def padded_linear(x: torch.Tensor, weight: torch.Tensor, multiple: int = 64) -> 
 
 
 def _linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool,
+    x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None, transposed: bool,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """residual + x @ W.T + b, from W (out, in) or from a transposed copy (in, out)."""
+    """residual + x @ W.T + b, from W (out, in), from a transposed copy (in, out), or from int8 rows."""
+    if isinstance(weight, Int8Weight):
+        out = int8_linear(x, weight)
+        if bias is not None:
+            out += bias
+        return out if residual is None else out.add_(residual)
     if bias is None and residual is not None:  # one addmm adds the residual stream for free
         return torch.addmm(residual, x, weight if transposed else weight.t())
     if transposed:
@@ -497,14 +504,17 @@ def _erf_gelu(u: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_linear(module: nn.Linear | None, on_cpu: bool, weight: torch.Tensor | None = None, scale: float = 1.0,
-                   scale_bias: bool = False) -> tuple:
+                   scale_bias: bool = False, int8: bool = False) -> tuple:
     """(weight, bias, transposed) for `_linear`: on the CPU, matrices with at least as many outputs as
-    inputs kept transposed (see _DecodeTensors); `weight` replaces the module's (a fused copy)."""
+    inputs kept transposed (see _DecodeTensors), or all of them as int8 rows; `weight` replaces the
+    module's (a fused copy)."""
     w = (module.weight if weight is None else weight).detach()
     bias = module.bias if module is not None else None
     if scale != 1.0:
         w = w * scale
         bias = bias * scale if bias is not None and scale_bias else bias
+    if int8:
+        return quantize_int8(w), bias, False
     transposed = on_cpu and w.size(0) >= w.size(1)
     return (w.t().contiguous() if transposed else w, bias, transposed)
 
@@ -547,8 +557,10 @@ class _DecodeTensors(_Refreshable):
         on_cpu = t.wte.weight.device.type == "cpu"
         self.stamp = self.stamp_of(model)
 
+        int8 = model.decode_weights == "int8"
+
         def linear(module: nn.Linear, scale: float = 1.0, scale_bias: bool = False) -> tuple:
-            return _decode_linear(module, on_cpu, scale=scale, scale_bias=scale_bias)
+            return _decode_linear(module, on_cpu, scale=scale, scale_bias=scale_bias, int8=int8)
 
         def mlp(b: Block) -> tuple:
             if on_cpu and b.mlp.approximate == "none":
@@ -575,6 +587,7 @@ class _LlamaDecodeTensors(_Refreshable):
         m = model.model
         on_cpu = m.embed_tokens.weight.device.type == "cpu"
         self.stamp = self.stamp_of(model)
+        linear = partial(_decode_linear, on_cpu=on_cpu, int8=model.decode_weights == "int8")
         self.wte = m.embed_tokens.weight
         self.cos, self.sin = model.rope_cos, model.rope_sin
         self.cos_rows, self.sin_rows = list(self.cos.unbind(0)), list(self.sin.unbind(0))
@@ -587,11 +600,10 @@ class _LlamaDecodeTensors(_Refreshable):
             if a.qk_norm:
                 qk_norm = torch.cat([a.q_norm.weight.expand(a.n_head, -1), a.k_norm.weight.expand(a.n_kv_head, -1)])
                 qk_norm = qk_norm.detach().unsqueeze(1)
-            self.layers.append((b.input_layernorm.weight, _decode_linear(None, on_cpu, qkv), qk_norm,
-                                _decode_linear(a.o_proj, on_cpu), b.post_attention_layernorm.weight,
-                                _decode_linear(None, on_cpu, gate_up), _decode_linear(b.mlp.down_proj, on_cpu)))
+            self.layers.append((b.input_layernorm.weight, linear(None, weight=qkv), qk_norm, linear(a.o_proj),
+                                b.post_attention_layernorm.weight, linear(None, weight=gate_up), linear(b.mlp.down_proj)))
         self.norm = m.norm.weight
-        self.head = _decode_linear(model.lm_head, on_cpu)
+        self.head = linear(model.lm_head)
 
 
 MODELS: dict[str, type[LanguageModel]] = {"gpt2": GPT, "llama": Llama}

@@ -299,7 +299,8 @@ def banner(models: Sequence[ServedModel], runs: Sequence[str | Path], url: str, 
 
 
 def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: Limits | None = None, checkpoint: str = "best", device: str = "auto", chainlit: bool = False) -> None:
+          limits: Limits | None = None, checkpoint: str = "best", device: str = "auto", chainlit: bool = False,
+          quantize: str | None = None) -> None:
     """Load `runs` and serve the page and the API (and with `chainlit`, a Chainlit chat at /chainlit) until Ctrl-C."""
     missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
     if missing:
@@ -317,7 +318,7 @@ def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
     sock = bind(host, port)  # before the weights load: a port in use is reported at once
     try:
         port = sock.getsockname()[1]
-        models = load_models(runs, limits, checkpoint, device, checked)
+        models = load_models(runs, limits, checkpoint, device, checked, quantize)
         url = local_url(host, port)
         app = build_app(models, limits, api_key, page=False)
         if chainlit:  # before the page: a mount at / would match /chainlit first

@@ -102,14 +102,15 @@ def check_runs(runs: Sequence[str | Path], checkpoint: str = "best") -> list[tup
 
 
 def load_models(runs: Sequence[str | Path], limits: Limits, checkpoint: str = "best", device: str = "auto",
-                checked: list[tuple[str, RunFiles]] | None = None) -> list[ServedModel]:
-    """Load every run once, each with its own generation queue (`checked`: what `check_runs` returned)."""
+                checked: list[tuple[str, RunFiles]] | None = None, quantize: str | None = None) -> list[ServedModel]:
+    """Load every run once, each with its own generation queue (`checked`: what `check_runs` returned;
+    `quantize`: the weights to decode with, see gptlab/quantize.py)."""
     from gptlab.generation import load
 
     checked = checked or check_runs(runs, checkpoint)
     served = []
     for (name, files), run in zip(checked, runs):
-        tm = load(run, checkpoint, device, files=files).batched(limits.batch_rows(), limits.decoder_threads(len(runs)))
+        tm = load(run, checkpoint, device, files=files, quantize=quantize).batched(limits.batch_rows(), limits.decoder_threads(len(runs)))
         config_path = Path(run) / "config.json"
         served.append(ServedModel(
             name=name, model=tm, summary=run_summary(run, files), created=int(config_path.stat().st_mtime),

@@ -1,0 +1,83 @@
+"""Weights for decoding in fewer bytes: int8 per output channel, and bfloat16.
+
+Decoding one token reads every weight once, so at batch 1 its speed is memory bandwidth divided by
+the bytes of weights: int8 reads a quarter of float32's bytes, bf16 half.
+
+Design choices:
+- int8 is weight-only and symmetric per output channel: each row of a (out, in) matrix is scaled so
+  its largest magnitude maps to 127 (`scale = amax / 127`), then rounded. Activations stay in the
+  model's dtype; the matmul is torch's `_weight_int8pack_mm`, which multiplies by the int8 rows and
+  applies the scales in one pass, without ever making a float copy of the matrix.
+- Only the matrices of the linear layers and the output head are quantized. Embedding lookups read
+  one row per token and stay as they are, and so do norms and biases (a few KB).
+- `dequantize` gives the float matrix the int8 one stands for, so the quality cost can be measured
+  with the ordinary forward pass (val loss and perplexity of the same model with those weights).
+- bf16 decoding is the whole model cast to bfloat16 (`load(..., weights="bf16")`): its cache and
+  activations follow the parameters' dtype; sampling reads the logits in float32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from gptlab.errors import GptlabError
+
+KINDS = ("float32", "bf16", "int8")  # what `gptlab sample/serve --quantize` accept ("none" means float32)
+
+
+class Int8Weight(NamedTuple):
+    """A (out, in) matrix as int8 rows and one float scale per row: W ~ q * scales[:, None]."""
+
+    q: torch.Tensor  # (out, in) int8
+    scales: torch.Tensor  # (out,) in the activations' dtype
+
+
+def quantize_int8(weight: torch.Tensor) -> Int8Weight:
+    """Symmetric per-row int8 of a (out, in) matrix; a zero row gets scale 1 (its q is all zeros)."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+    return Int8Weight(q, scales.to(weight.dtype))
+
+
+def dequantize(w: Int8Weight) -> torch.Tensor:
+    """The float (out, in) matrix an int8 one stands for."""
+    return w.q.float() * w.scales.float()[:, None]
+
+
+def int8_linear(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """x (N, in) @ W.T for an int8 W: (N, out), in x's dtype."""
+    return torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.q, w.scales)
+
+
+def check_kind(kind: str | None, device: torch.device) -> str:
+    """The weights kind to decode with (`None` and "none" are float32); a GptlabError naming the choices."""
+    kind = "float32" if kind in (None, "none", "float32", "fp32") else kind
+    if kind not in KINDS:
+        raise GptlabError(f"--quantize must be one of none, bf16, int8; got {kind!r}")
+    if kind == "int8" and device.type != "cpu":
+        raise GptlabError(f"--quantize int8 decodes on the CPU; on {device.type} use --quantize bf16")
+    return kind
+
+
+def quantize_model_(model: torch.nn.Module, kind: str | None) -> torch.nn.Module:
+    """Make `model` decode with `kind` weights (in place): bf16 casts it; int8 gives its decode path int8 matrices."""
+    device = next(model.parameters()).device
+    kind = check_kind(kind, device)
+    if kind == "bf16":
+        model.to(torch.bfloat16)
+    model.decode_weights = "int8" if kind == "int8" else "float"
+    model._decode = None  # gathered again, in the new kind, at the next prefill
+    return model
+
+
+@torch.no_grad()
+def fake_quantize_(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every weight the int8 decode path quantizes by what int8 makes of it (for measuring quality)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.copy_(dequantize(quantize_int8(module.weight)).to(module.weight.dtype))
+    return model
