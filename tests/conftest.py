@@ -31,6 +31,9 @@ def _offline_env(tmp_path_factory, monkeypatch):
     if "GPTLAB_DATA_MIRROR" not in os.environ and SHARED_DATA.is_dir():
         monkeypatch.setenv("GPTLAB_DATA_MIRROR", str(SHARED_DATA))
     monkeypatch.setenv("GPTLAB_HOME", str(tmp_path_factory.getbasetemp() / "gptlab_home"))
+    # The same precision on every CPU, so figures and exact comparisons do not depend on the machine;
+    # tests/test_cpu_precision.py forces it both ways and measures it.
+    monkeypatch.setenv("GPTLAB_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ PROBE_WIDTH = 64  # small enough to measure in tens of ms, even where bf16 is sl
 def gptlab_train(data: Path, out: Path, cache: Path, bf16: str) -> subprocess.CompletedProcess:
     """`gptlab train` on `data` into `out` with GPTLAB_CPU_BF16=`bf16`, one thread, a private home and cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPTLAB_")}
-    env.update(GPTLAB_HOME=str(out.parent / "home"), GPTLAB_CACHE_DIR=str(cache), OMP_NUM_THREADS="1",
+    env.update(GPTLAB_HOME=str(cache), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")])))
     env[CPU_BF16_ENV] = bf16
     argv = [sys.executable, "-m", "gptlab", "train", "--data", str(data), "--out", str(out), *TINY]
@@ -96,7 +96,7 @@ def test_a_bad_value_is_one_line_naming_the_variable(runs):
 
 
 def test_forcing_decides_without_measuring(monkeypatch, tmp_path, capsys):
-    monkeypatch.setenv(device.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("GPTLAB_HOME", str(tmp_path))
     monkeypatch.setenv(CPU_BF16_ENV, "1")
     assert resolve_dtype("auto", CPU) == torch.bfloat16
     assert resolve_dtype("bfloat16", CPU) == torch.bfloat16
@@ -126,7 +126,7 @@ def test_the_loss_stays_float32_under_bf16_autocast():
 
 
 def test_the_measurement_is_cached_and_reused(monkeypatch, tmp_path):
-    monkeypatch.setenv(device.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("GPTLAB_HOME", str(tmp_path / "cache"))
     path = cache_path()
     assert path == tmp_path / "cache" / "cpu.json"
     probe, kept = bf16_speedup(PROBE_WIDTH)
@@ -154,7 +154,7 @@ def test_the_measurement_is_cached_and_reused(monkeypatch, tmp_path):
 @pytest.mark.parametrize("damage", [b"{not json", b'{"format": 1, "machines": []}', b"[1, 2]", b"\xff\xfe",
                                     b'{"format": 1, "machines": {"%s": {"64 wide": {"speedup": "fast"}}}}'])
 def test_a_damaged_cache_is_measured_again_and_replaced(monkeypatch, tmp_path, damage):
-    monkeypatch.setenv(device.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("GPTLAB_HOME", str(tmp_path))
     machine = device.detect_cpu_bf16().machine_key()
     (tmp_path / "cpu.json").write_bytes(damage.replace(b"%s", machine.encode()))
     probe, kept = bf16_speedup(PROBE_WIDTH)
@@ -165,23 +165,22 @@ def test_a_damaged_cache_is_measured_again_and_replaced(monkeypatch, tmp_path, d
 def test_an_unwritable_cache_is_skipped(monkeypatch, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setenv(device.CACHE_DIR_ENV, str(blocker / "cache"))  # a folder inside a file cannot be made
+    monkeypatch.setenv("GPTLAB_HOME", str(blocker / "cache"))  # a folder inside a file cannot be made
     probe, kept = bf16_speedup(PROBE_WIDTH)
     assert kept.startswith("not cached: ") and probe.speedup > 0
 
 
-def test_the_cache_folder_follows_xdg_then_home(monkeypatch, tmp_path):
-    monkeypatch.delenv(device.CACHE_DIR_ENV, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_path() == tmp_path / "xdg" / "gptlab" / "cpu.json"
-    monkeypatch.delenv("XDG_CACHE_HOME")
+def test_the_cache_folder_is_gptlab_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPTLAB_HOME", str(tmp_path / "mine"))
+    assert cache_path() == tmp_path / "mine" / "cpu.json"
+    monkeypatch.delenv("GPTLAB_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_path() == tmp_path / "home" / ".cache" / "gptlab" / "cpu.json"
 
 
 def test_auto_follows_the_measurement_where_the_cpu_has_bf16(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv(CPU_BF16_ENV, raising=False)
-    monkeypatch.setenv(device.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("GPTLAB_HOME", str(tmp_path))
     cpu = device.detect_cpu_bf16()
     choice = cpu_bf16_choice(PROBE_WIDTH)
     if not cpu.native:

@@ -45,7 +45,15 @@ import numpy as np
 
 from gptlab.errors import GptlabError
 from gptlab.folders import check_writes_kind
-from gptlab.fsutil import atomic_write_bytes, cause, check_writable_folder, file_digest, read_json_object, write_json
+from gptlab.fsutil import (
+    atomic_write_bytes,
+    cause,
+    check_writable_folder,
+    file_digest,
+    gptlab_home,
+    read_json_object,
+    write_json,
+)
 from gptlab.tokenizer import Tokenizer, load_tokenizer, tokenizer_kind
 
 if TYPE_CHECKING:
@@ -64,11 +72,6 @@ NAMED_DATASETS: dict[str, dict[str, Any]] = {
         "about": "tiny Shakespeare: 40,000 lines of Shakespeare's plays (Karpathy's char-rnn corpus)",
     },
 }
-
-
-def gptlab_home() -> Path:
-    """Cache folder: $GPTLAB_HOME or ~/.cache/gptlab."""
-    return Path(os.environ.get("GPTLAB_HOME") or Path.home() / ".cache" / "gptlab")
 
 
 def fetch_named_dataset(name: str) -> Path:

@@ -11,8 +11,8 @@ Design choices:
     because a closer call could be noise. Small models can be faster in float32 even there: the
     casts autocast adds cost more than their matmuls save;
   - the measurement is kept per machine (CPU model, bf16 flags, torch's kernels, core count, torch
-    version) and width in cpu.json under $GPTLAB_CACHE_DIR, $XDG_CACHE_HOME/gptlab or
-    ~/.cache/gptlab, written whole (a temporary file renamed into place). A missing, corrupt or
+    version) and width in cpu.json in gptlab's cache folder ($GPTLAB_HOME or ~/.cache/gptlab),
+    written whole (a temporary file renamed into place). A missing, corrupt or
     unwritable cache only means measuring again;
   - GPTLAB_CPU_BF16=1 or 0 skips both and says yes or no, for tests and for users who know;
   - `auto` says on stderr what it picked and why. `--dtype bfloat16` is obeyed wherever the
@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from gptlab import distributed
 from gptlab.cpu_memory import keep_freed_memory
 from gptlab.errors import GptlabError
+from gptlab.fsutil import gptlab_home
 
 
 def warn(message: str) -> None:
@@ -81,7 +82,6 @@ def autodetect_device(requested: str = "auto") -> torch.device:
 # ---- bf16 on a CPU: what the chip reports, what a short measurement says, and a cache of the answer
 
 CPU_BF16_ENV = "GPTLAB_CPU_BF16"
-CACHE_DIR_ENV = "GPTLAB_CACHE_DIR"
 # /proc/cpuinfo's names for bf16 matrix instructions, strongest first, and how messages name them
 BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16", "bf16": "Arm BF16"}
 BF16_MIN_SPEEDUP = 1.1  # auto picks bf16 only when it is clearly faster: a closer call could be noise
@@ -236,13 +236,9 @@ def measure_bf16_speedup(width: int) -> Bf16Probe:
 
 
 def cache_path() -> Path | None:
-    """The measurement cache: $GPTLAB_CACHE_DIR, else $XDG_CACHE_HOME/gptlab, else ~/.cache/gptlab; None without a home."""
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV]) / CACHE_FILE
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "gptlab" / CACHE_FILE
+    """The measurement cache, cpu.json in gptlab's cache folder ($GPTLAB_HOME or ~/.cache/gptlab); None without a home."""
     try:
-        return Path.home() / ".cache" / "gptlab" / CACHE_FILE
+        return gptlab_home() / CACHE_FILE
     except RuntimeError:  # no home folder to be found
         return None
 

@@ -133,3 +133,8 @@ def write_text(path: str | Path, text: str) -> None:
     """Write UTF-8 text ending in a newline, in place: for files inside a folder that is renamed into place whole."""
     with open(path, "w", encoding="utf-8") as f:
         f.write(text if text.endswith("\n") else text + "\n")
+
+
+def gptlab_home() -> Path:
+    """gptlab's cache folder (downloaded datasets, measurements of this machine): $GPTLAB_HOME or ~/.cache/gptlab."""
+    return Path(os.environ.get("GPTLAB_HOME") or Path.home() / ".cache" / "gptlab")
