@@ -154,6 +154,8 @@ def add_model_commands(sub: Any) -> None:
     e.add_argument("--batch-size", type=int, default=0, help="windows per forward pass (default: 0 = as many as fit in 256 MB of logits)")
     e.add_argument("--checkpoint", default="best", help="best, last or a .safetensors file (default: 'best')")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
+    e.add_argument("--quantize", default="none", metavar="KIND",
+                   help="score the model with these weights: none (float32), bf16 or int8, what decoding with them computes (default: 'none')")
     e.add_argument("--json", action="store_true", help="print JSON")
 
     pl = sub.add_parser("plot", help="draw a figure of a run: next-token temperatures, or the loss curves",
@@ -432,7 +434,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gptlab.evaluate import evaluate
     from gptlab.generation import load
 
-    tm = load(args.run, args.checkpoint, args.device)
+    tm = load(args.run, args.checkpoint, args.device, quantize=args.quantize)
     result = evaluate(tm, args.data, stride=args.stride, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result.as_dict(), indent=1))

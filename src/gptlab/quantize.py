@@ -10,8 +10,10 @@ Design choices:
   applies the scales in one pass, without ever making a float copy of the matrix.
 - Only the matrices of the linear layers and the output head are quantized. Embedding lookups read
   one row per token and stay as they are, and so do norms and biases (a few KB).
-- `dequantize` gives the float matrix the int8 one stands for, so the quality cost can be measured
-  with the ordinary forward pass (val loss and perplexity of the same model with those weights).
+- A model loaded as int8 is the int8 model everywhere: its float weights are replaced by what int8
+  stores (`fake_quantize_`), so `forward`, `gptlab eval --quantize int8` and the decode path compute
+  the same function, and a tied embedding reads the same rows the head scores with. The quality
+  cost is then the ordinary val loss and perplexity of that model.
 - bf16 decoding is the whole model cast to bfloat16 (`load(..., weights="bf16")`): its cache and
   activations follow the parameters' dtype; sampling reads the logits in float32.
 """
@@ -64,11 +66,14 @@ def check_kind(kind: str | None, device: torch.device) -> str:
 
 
 def quantize_model_(model: torch.nn.Module, kind: str | None) -> torch.nn.Module:
-    """Make `model` decode with `kind` weights (in place): bf16 casts it; int8 gives its decode path int8 matrices."""
+    """Make `model` the `kind` model, in place: bf16 casts it; int8 rounds its linear weights to what int8
+    stores (so `forward` and evaluation compute what decoding does) and gives its decode path int8 matrices."""
     device = next(model.parameters()).device
     kind = check_kind(kind, device)
     if kind == "bf16":
         model.to(torch.bfloat16)
+    if kind == "int8":
+        fake_quantize_(model)
     model.decode_weights = "int8" if kind == "int8" else "float"
     model._decode = None  # gathered again, in the new kind, at the next prefill
     return model
@@ -76,7 +81,7 @@ def quantize_model_(model: torch.nn.Module, kind: str | None) -> torch.nn.Module
 
 @torch.no_grad()
 def fake_quantize_(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every weight the int8 decode path quantizes by what int8 makes of it (for measuring quality)."""
+    """Replace every weight the int8 decode path quantizes by what int8 makes of it (quantizing again changes nothing)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.weight.copy_(dequantize(quantize_int8(module.weight)).to(module.weight.dtype))
