@@ -16,6 +16,11 @@ Columns, all from the same random weights, sampling at temperature 1 with top-k 
   Skipped with a note when transformers is not installed (it is not a gptlab dependency). GPT-2's
   learned positions stop at the context length, so on the tiny-char shape (context 64) it makes
   only as many tokens as fit, and the row says so.
+- engine, bf16 / int8 weights: the same engine and weights decoding with `--quantize bf16` (the
+  model cast to bfloat16) and `--quantize int8` (per-channel int8 rows, gptlab/quantize.py).
+Quality: the val loss and perplexity of a trained run (char-small on tiny Shakespeare, trained for
+--quality-time, or --quality-run) with float32, bf16 and int8 weights, as `gptlab eval --quantize`
+scores them.
 Sizes: tiny-char is the cpu-tiny preset's shape with the tiny Shakespeare char vocabulary (500 new
 tokens from a 1-token prompt: past the context, so the engine's window slides); gpt2-124m is GPT-2
 small, random init (200 new tokens from a 1-token prompt). Each figure is the median of --runs
@@ -26,6 +31,7 @@ twice and compare.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -36,6 +42,7 @@ from torch.nn import functional as F
 from gptlab.config import ModelConfig, SampleConfig
 from gptlab.engine import decode, decode_threads, make_generator
 from gptlab.model import GPT
+from gptlab.quantize import quantize_model_
 
 SIZES = {
     "tiny-char": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, bias=False), 500),
@@ -117,6 +124,17 @@ def bench_size(name: str, runs: int, threads: int | None) -> list[tuple[str, str
     seconds = timed(engine, runs)
     engine_threads = decode_threads(model) if threads is None else threads
     rows.append(("engine (KV cache)", f"{new_tokens / seconds:,.1f} tok/s  ({engine_threads} thread{'s' * (engine_threads > 1)})"))
+    for kind in ("bf16", "int8"):
+        quantized = quantize_model_(copy.deepcopy(model), kind)
+
+        def engine_with(quantized=quantized) -> None:
+            config = SampleConfig(max_new_tokens=new_tokens, temperature=1.0, top_k=TOP_K)
+            for _ in decode(quantized, prompt, config, make_generator("cpu", 0), threads=threads):
+                pass
+
+        seconds = timed(engine_with, runs)
+        rows.append((f"engine, {kind} weights", f"{new_tokens / seconds:,.1f} tok/s"))
+        del quantized
     seconds = timed(lambda: recompute_generate(model, prompt, new_tokens), max(1, runs if name == "tiny-char" else 1))
     rows.append(("recompute (nanoGPT generate)", f"{new_tokens / seconds:,.1f} tok/s"))
     try:
@@ -182,6 +200,32 @@ def llama_cpp_rows(model: GPT, new_tokens: int, runs: int, threads: int) -> list
     return rows
 
 
+def quality_rows(run: str | None, train_time: str) -> list[tuple[str, str]]:
+    """Val loss and perplexity of a trained run with float32, bf16 and int8 weights (a char model trained
+    on tiny Shakespeare for `train_time` when no run is given)."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from gptlab.evaluate import evaluate
+    from gptlab.generation import load
+
+    with tempfile.TemporaryDirectory() as folder:
+        if run is None:
+            run = str(Path(folder) / "shakespeare-char")
+            subprocess.run([sys.executable, "-m", "gptlab", "train", "shakespeare", "--preset", "char-small",
+                            "--time", train_time, "--out", run, "--quiet"], check=True, cwd=folder)
+        rows, base = [], None
+        for kind in ("none", "bf16", "int8"):
+            result = evaluate(load(run, device="cpu", quantize=kind), progress=False)
+            base = base or result
+            rows.append((f"{'float32' if kind == 'none' else kind} weights",
+                         f"val loss {result.loss:.4f} ({result.loss - base.loss:+.4f}), perplexity "
+                         f"{result.perplexity:.3f} ({100 * (result.perplexity / base.perplexity - 1):+.2f}%)"))
+        return rows
+
+
 def main() -> None:
     """Print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -190,6 +234,10 @@ def main() -> None:
     parser.add_argument("--engine-threads", type=int, default=None,
                         help="force the engine's decode threads (default: its own choice, see engine.decode_threads)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per figure, median reported (default: 3)")
+    parser.add_argument("--quality-run", default=None, metavar="RUN",
+                        help="a trained run to measure the weights' quality cost on (default: train one)")
+    parser.add_argument("--quality-time", default="2m",
+                        help="how long to train the char-small Shakespeare model for the quality rows (default: 2m; 0 skips them)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"batch 1, CPU, torch {torch.__version__}, {args.threads} threads, temperature 1, top-k {TOP_K}")
@@ -204,6 +252,11 @@ def main() -> None:
             model = GPT(ModelConfig(**settings)).eval()  # the same weights bench_size used
             for column, figure in llama_cpp_rows(model, new_tokens, args.runs, args.threads):
                 print(f"  {column:<30} {figure}")
+    if args.quality_run or args.quality_time not in ("0", "0s", "0m"):
+        print("\nquality of the decode weights: val loss and perplexity on the run's val split "
+              f"({args.quality_run or 'char-small, tiny Shakespeare, ' + args.quality_time + ' of training'})")
+        for column, figure in quality_rows(args.quality_run, args.quality_time):
+            print(f"  {column:<30} {figure}")
 
 
 if __name__ == "__main__":

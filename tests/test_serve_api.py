@@ -239,3 +239,48 @@ def test_finish_reasons_from_generation(tiny_run, one_thread):
     tm.engine.eot_id = tm.tokenizer.encode("e")[0]
     ends = [f for _, _, f in tm.events("ROMEO:", max_new_tokens=300, seed=1) if f]
     assert ends[0].reason == "stop" and ends[0].tokens < 299
+
+
+def test_concurrent_seeded_requests_are_decoded_together_and_each_gives_its_own_text(tiny_run, one_thread):
+    """Eight requests with different settings at once: one batch, and each text is what the library gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gptlab.generation import load
+    from gptlab.serve import Limits, build_app, load_models
+
+    requests = [
+        dict(prompt="ROMEO:", max_tokens=120, seed=1, temperature=0.8),
+        dict(prompt="JULIET:", max_tokens=90, seed=2, temperature=1.2, extra_body={"top_k": 5}),
+        dict(prompt="First Citizen:", max_tokens=150, seed=3, top_p=0.9, n=2),
+        dict(prompt="KING", max_tokens=100, seed=4, temperature=0, extra_body={"repetition_penalty": 1.3}),
+        dict(prompt="\n", max_tokens=130, seed=5, stop=["e\n", "the"]),
+        dict(prompt="O", max_tokens=110, seed=6, extra_body={"min_p": 0.1}),
+        dict(prompt="What", max_tokens=80, seed=7, temperature=0.5, stream=True),
+        dict(prompt="ROMEO:", max_tokens=140, seed=8, temperature=0.8),
+    ]
+    alone = load(tiny_run, device="cpu")
+
+    def expected(r):
+        extra = r.get("extra_body", {})
+        return alone.generate(r["prompt"], max_new_tokens=r["max_tokens"], seed=r["seed"], num_samples=r.get("n", 1),
+                              temperature=r.get("temperature", 1.0), top_p=r.get("top_p", 1.0),
+                              stop=tuple(r.get("stop", ())), **extra)
+
+    server = ThreadServer(build_app(load_models([tiny_run], Limits(concurrency=8)), page=False))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
+
+        def ask(r):
+            reply = client.completions.create(model=MODEL, **r)
+            if r.get("stream"):
+                return ["".join(chunk.choices[0].text for chunk in reply if chunk.choices)]
+            return [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
+
+        with ThreadPoolExecutor(len(requests)) as pool:
+            got = list(pool.map(ask, requests))
+        assert got == [expected(r) for r in requests]
+        health = httpx.get(f"{server.url}/health").json()["models"][MODEL]
+        assert health["batch_widest"] >= 4, health  # they were decoded together, not in turn
+        assert health["batch_rows"] == 0 and health["running"] == 0
+    finally:
+        server.stop()
