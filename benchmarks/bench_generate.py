@@ -18,8 +18,8 @@ Columns, all from the same random weights, sampling at temperature 1 with top-k 
   only as many tokens as fit, and the row says so.
 - engine, bf16 / int8 weights: the same engine and weights decoding with `--quantize bf16` (the
   model cast to bfloat16) and `--quantize int8` (per-channel int8 rows, gptlab/quantize.py).
-Quality: the val loss and perplexity of a trained run (char-small on tiny Shakespeare, trained for
---quality-time, or --quality-run) with float32, bf16 and int8 weights, as `gptlab eval --quantize`
+Quality: the val loss and perplexity of a trained run (`gptlab train shakespeare --time 2m`, or
+--quality-run) with float32, bf16 and int8 weights, as `gptlab eval --quantize`
 scores them.
 Sizes: tiny-char is the cpu-tiny preset's shape with the tiny Shakespeare char vocabulary (500 new
 tokens from a 1-token prompt: past the context, so the engine's window slides); gpt2-124m is GPT-2
@@ -201,8 +201,8 @@ def llama_cpp_rows(model: GPT, new_tokens: int, runs: int, threads: int) -> list
 
 
 def quality_rows(run: str | None, train_time: str) -> list[tuple[str, str]]:
-    """Val loss and perplexity of a trained run with float32, bf16 and int8 weights (a char model trained
-    on tiny Shakespeare for `train_time` when no run is given)."""
+    """Val loss and perplexity of a trained run with float32, bf16 and int8 weights (`gptlab train
+    shakespeare --time TRAIN_TIME` when no run is given)."""
     import subprocess
     import sys
     import tempfile
@@ -213,9 +213,9 @@ def quality_rows(run: str | None, train_time: str) -> list[tuple[str, str]]:
 
     with tempfile.TemporaryDirectory() as folder:
         if run is None:
-            run = str(Path(folder) / "shakespeare-char")
-            subprocess.run([sys.executable, "-m", "gptlab", "train", "shakespeare", "--preset", "char-small",
-                            "--time", train_time, "--out", run, "--quiet"], check=True, cwd=folder)
+            run = str(Path(folder) / "shakespeare")
+            subprocess.run([sys.executable, "-m", "gptlab", "train", "shakespeare", "--time", train_time, "--out", run,
+                            "--quiet"], check=True, cwd=folder)
         rows, base = [], None
         for kind in ("none", "bf16", "int8"):
             result = evaluate(load(run, device="cpu", quantize=kind), progress=False)
@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--quality-run", default=None, metavar="RUN",
                         help="a trained run to measure the weights' quality cost on (default: train one)")
     parser.add_argument("--quality-time", default="2m",
-                        help="how long to train the char-small Shakespeare model for the quality rows (default: 2m; 0 skips them)")
+                        help="how long to train the Shakespeare model for the quality rows (default: 2m; 0 skips them)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"batch 1, CPU, torch {torch.__version__}, {args.threads} threads, temperature 1, top-k {TOP_K}")
@@ -254,7 +254,7 @@ def main() -> None:
                 print(f"  {column:<30} {figure}")
     if args.quality_run or args.quality_time not in ("0", "0s", "0m"):
         print("\nquality of the decode weights: val loss and perplexity on the run's val split "
-              f"({args.quality_run or 'char-small, tiny Shakespeare, ' + args.quality_time + ' of training'})")
+              f"({args.quality_run or 'gptlab train shakespeare --time ' + args.quality_time})")
         for column, figure in quality_rows(args.quality_run, args.quality_time):
             print(f"  {column:<30} {figure}")
 
