@@ -78,7 +78,14 @@ class SlotCache:
         causal = torch.ones(c.block_size, c.block_size, dtype=torch.bool, device=self.device).tril()
         self._visible = causal  # row p: what a query at position p sees
         self._row_index = torch.arange(0, device=self.device)
+        self._true = torch.ones((), dtype=torch.bool, device=self.device)
+        self._k_rows: list[torch.Tensor] = []  # the same memory as k and v, as (rows, length, heads, head_size)
+        self._v_rows: list[torch.Tensor] = []
+        # The current step: rows 0..B-1 at `_positions`; `_seen` says what each row's query sees.
+        self._last: list[int] = []
+        self._rows = self._row_index
         self._positions = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._seen = causal[:0]
         self._mask = causal[:0]
         self._span = 0
 
@@ -99,6 +106,9 @@ class SlotCache:
                     cache.append(grown)
         self.rows, self.length = new_rows, new_length
         self._row_index = torch.arange(new_rows, device=self.device)
+        self._k_rows = [k.transpose(1, 2) for k in self.k]
+        self._v_rows = [v.transpose(1, 2) for v in self.v]
+        self._last = []  # the next step builds its positions and mask afresh
 
     def load(self, first: int, n: int, cache: KVCache) -> None:
         """Copy a prefilled cache's positions into rows first..first+n-1 (a one-row cache fills all n)."""
@@ -114,10 +124,21 @@ class SlotCache:
                 cache[layer][dst : dst + n, :, :filled] = cache[layer][src : src + n, :, :filled].clone()
 
     def begin_step(self, positions: list[int]) -> None:
-        """Set where each of rows 0..len(positions)-1 writes its next token."""
-        span = max(positions) + 1
-        self._positions = torch.tensor(positions, dtype=torch.long, device=self.device)
-        self._mask = self._visible[self._positions, :span].view(len(positions), 1, 1, span)
+        """Set where each of rows 0..len(positions)-1 writes its next token.
+
+        Most steps move every row one position on: then the positions and the mask are updated in
+        place (two small ops) instead of being built again.
+        """
+        B, span = len(positions), max(positions) + 1
+        if len(self._last) == B and all(p == q + 1 for p, q in zip(positions, self._last)):
+            self._positions.add_(1)
+            self._seen.index_put_((self._rows, self._positions), self._true)
+        else:
+            self._positions = torch.tensor(positions, dtype=torch.long, device=self.device)
+            self._rows = self._row_index[:B]
+            self._seen = self._visible.index_select(0, self._positions)  # (B, block_size), a copy of its own
+        self._last = positions
+        self._mask = self._seen.narrow(1, 0, span).view(B, 1, 1, span)
         self._span = span
 
     # What `decode_step` reads (the same names as engine.KVCache's).
@@ -132,12 +153,11 @@ class SlotCache:
 
     def write_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store each row's new keys/values (B, nh, 1, hs) at its position; return rows 0..B-1 up to the furthest."""
+        at = (self._rows, self._positions)
+        self._k_rows[layer].index_put_(at, k.squeeze(2))  # (rows, length, nh, hs) views: one (nh, hs) block per row
+        self._v_rows[layer].index_put_(at, v.squeeze(2))
         B = k.size(0)
-        rows = self._row_index[:B]
-        kc, vc = self.k[layer], self.v[layer]
-        kc[rows, :, self._positions] = k.squeeze(2)
-        vc[rows, :, self._positions] = v.squeeze(2)
-        return kc[:B, :, : self._span], vc[:B, :, : self._span]
+        return self.k[layer].narrow(0, 0, B).narrow(2, 0, self._span), self.v[layer].narrow(0, 0, B).narrow(2, 0, self._span)
 
     def advance(self, n: int) -> None:
         """Positions are the batch's to count (each request keeps its own)."""
