@@ -385,6 +385,14 @@ class StepLoss:
                 return self.fn(x, y)
 
 
+def eval_batches(tokens: Any, offset: int, cfg: TrainConfig, block_size: int) -> Any:
+    """The batches a split is scored on: the same ones at every evaluation (their own seed per split)."""
+    ranks = dict(rank=distributed.rank(), world_size=distributed.world_size())
+    if isinstance(tokens, chat.Rows):  # chat: scored on what the model learns to write
+        return chat.RowBatches(tokens, cfg.batch_size, cfg.seed + 1000 + offset, cfg.chat_loss, **ranks)
+    return RandomBatches(tokens, block_size, cfg.batch_size, seed=cfg.seed + 1000 + offset, **ranks)
+
+
 @torch.no_grad()
 def estimate_loss(
     model: torch.nn.Module, splits: dict[str, np.ndarray], cfg: TrainConfig, block_size: int,
@@ -394,11 +402,7 @@ def estimate_loss(
     model.eval()
     out = {}
     for offset, (name, tokens) in enumerate(splits.items()):
-        ranks = dict(rank=distributed.rank(), world_size=distributed.world_size())
-        if isinstance(tokens, chat.Rows):  # chat: scored on what the model learns to write
-            batches = chat.RowBatches(tokens, cfg.batch_size, cfg.seed + 1000 + offset, cfg.chat_loss, **ranks)
-        else:
-            batches = RandomBatches(tokens, block_size, cfg.batch_size, seed=cfg.seed + 1000 + offset, **ranks)
+        batches = eval_batches(tokens, offset, cfg, block_size)
         total = torch.zeros((), device=device)
         for _ in range(cfg.eval_iters):
             x, y = batches.next()
@@ -683,12 +687,51 @@ def start_state(run: Run, resume: bool, tokenizer: Tokenizer, meta: dict[str, An
         say(f"resuming {run.run_dir} at step {state.step:,}" + ("" if run.budget.clocked else f" of {run.budget.steps:,}"))
     else:
         state = TrainState()
+        if run.budget.clocked:
+            fit_evaluation_to_budget(run)
         if distributed.is_main():
             tokenizer.save(run.run_dir)
     if distributed.is_main():
         tokenizer_summary = {"type": meta["tokenizer"], "vocab_size": tokenizer.vocab_size}
         rundir.write_run_config(run.run_dir, run.model_cfg, run.cfg, tokenizer_summary)
     return state
+
+
+EVAL_SHARE = 0.05  # the most of a time budget one evaluation (both splits) may take
+
+
+@torch.no_grad()
+def fit_evaluation_to_budget(run: Run) -> None:
+    """With a time budget, score fewer batches when one evaluation would take more than EVAL_SHARE of it.
+
+    The clock counts evaluations too, and a run is evaluated before its first step: a preset made
+    for a GPU (char-small scores 2 x 200 batches of 64 x 256) would spend minutes of a CPU's budget,
+    or all of it, scoring instead of training. One batch is timed (after a warm-up one) and
+    --eval-iters lowered to fit; the run's config.json records what it used, so --resume scores the
+    same batches.
+    """
+    cfg = run.cfg
+    x, _ = eval_batches(run.splits["val"], 1, cfg, run.model_cfg.block_size).next()
+    x = x.to(run.device)
+    run.model.eval()
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        with run.autocast():
+            run.model(x)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        seconds.append(time.perf_counter() - start)
+    run.model.train()
+    per_batch = distributed.mean(seconds[-1])
+    allowed = EVAL_SHARE * (run.budget.seconds or 0.0)
+    if 2 * cfg.eval_iters * per_batch <= allowed:
+        return
+    iters = max(1, int(allowed / (2 * per_batch)))
+    warn(f"one evaluation of {cfg.eval_iters} batches per split would take ~{2 * cfg.eval_iters * per_batch:,.0f} s "
+         f"of the {cfg.time} budget; scoring {iters} batch{'es' * (iters > 1)} per split instead "
+         f"(--eval-iters {iters}), so the budget goes to training")
+    run.cfg = replace(cfg, eval_iters=iters)
 
 
 def describe(run: Run, say: Callable, quiet: bool) -> None:
