@@ -151,6 +151,17 @@ def test_time_budget_stops_on_the_clock_and_decays_over_it(tmp_path, char_data):
     assert float(rows[-1]["lr"]) == pytest.approx(3e-4, rel=0.05)  # decayed to the floor with the clock
 
 
+def test_a_time_budget_is_not_spent_scoring(tmp_path, char_data, capsys):
+    """Evaluations that would eat the budget (here 2 x 100,000 batches) are cut to fit 5% of it, and recorded."""
+    result = train(*tiny_cfg(char_data, tmp_path / "r", time="4s", max_iters=10**6, eval_interval=10**6,
+                             eval_iters=100_000), quiet=True)
+    assert 4.0 <= result.elapsed_sec < 12.0 and result.steps > 20  # it trained, and on time
+    err = capsys.readouterr().err
+    assert "warning: one evaluation of 100000 batches per split would take" in err and "of the 4s budget" in err
+    kept = json.loads((tmp_path / "r" / "config.json").read_text())["train"]["eval_iters"]
+    assert 1 <= kept < 1000 and f"(--eval-iters {kept})" in err
+
+
 def test_compile_auto_is_on_for_cuda_and_for_long_cpu_budgets_only():
     assert compile_wanted("auto", "cuda", 0.0)
     assert not compile_wanted("auto", "cpu", 0.0)  # a step count: the run may be over before compile pays
