@@ -16,7 +16,7 @@ Design choices:
   the check that loss and gradient are finite. A non-finite step is skipped; `nan_patience` of them
   in a row roll back to the last checkpoint with the learning rate halved, `max_rollbacks` times at
   most. `loss_hooks` (empty unless a test installs one) may replace each loss: fault injection.
-- Precision comes from `device.resolve_dtype` (float32 on a CPU without native bf16), and the
+- Precision comes from `device.resolve_dtype` (on a CPU, bf16 autocast only where it measured faster), and the
   process-wide settings (determinism, TF32 on CUDA, the CPU allocator) from `device.process_settings`,
   held while a run trains and undone after it.
 - `torch.compile` (loss included) is on by default on CUDA, with CUDA graphs in a single process,
@@ -660,9 +660,9 @@ class Run:
 
 
 def build_run(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, device: torch.device,
-              weights: dict[str, torch.Tensor] | None, splits: dict[str, np.ndarray]) -> Run:
+              weights: dict[str, torch.Tensor] | None, splits: dict[str, np.ndarray], quiet: bool = False) -> Run:
     """The model, optimizer, grad scaler, batches, budget and loss of a run, ready for the loop."""
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, model_cfg.n_embd, quiet=quiet)  # a CPU's bf16 is measured at this width
     model = seeded_model(model_cfg, cfg, device, weights)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
@@ -861,7 +861,7 @@ def train(
     cfg = replace(cfg, out=str(run_dir))
     device = distributed.device_for_rank(autodetect_device(cfg.device))
     with process_settings(device, cfg.deterministic):
-        run = build_run(model_cfg, cfg, run_dir, device, weights, splits)
+        run = build_run(model_cfg, cfg, run_dir, device, weights, splits, quiet)
         state = start_state(run, resume, tokenizer, meta, say)
         describe(run, say, quiet)
         if distributed.is_main():
