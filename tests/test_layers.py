@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "gptlab"
 # Lowest first. A module may import its own layer or any layer below, never one above.
 LAYERS = [
     ["errors", "fsutil", "folders", "cpu_memory", "muon", "synthetic_chats", "quantize"],
-    ["config", "distributed", "sizing"],
+    ["config", "distributed", "sizing", "cores"],
     ["rundir", "tokenizer", "device"],
     ["data", "model", "copycheck", "chat"],
     ["optim", "checkpoint", "engine", "batching"],

@@ -52,6 +52,7 @@ from torch.nn import functional as F
 from gptlab import chat, distributed, rundir
 from gptlab import checkpoint as ckpt
 from gptlab.config import ModelConfig, TrainConfig, parse_duration
+from gptlab.cores import CoreShare
 from gptlab.data import RandomBatches, SlidingBatches, check_enough_tokens, load_tokens, read_meta
 from gptlab.device import (
     autocast_for,
@@ -263,48 +264,6 @@ class StopRequest:
 
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-class CoreShare:
-    """Lends one core to another process on request: SIGUSR1 asks for it, SIGUSR2 gives it back.
-
-    `gptlab ui` generates text in its server while a job trains: two processes that both use every
-    core slow each other 4-40x (each thread of a parallel region waits for the slowest, which is
-    descheduled), so while the server generates, the trainer runs on one thread fewer. The thread
-    count changes between steps, never inside one.
-    """
-
-    def __init__(self) -> None:
-        self.full = torch.get_num_threads()
-        self.wanted = self.full
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> CoreShare:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
-            for sig in (signal.SIGUSR1, signal.SIGUSR2):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        import signal
-
-        self.wanted = max(1, self.full - 1) if signum == signal.SIGUSR1 else self.full
-
-    def apply(self) -> None:
-        """Between steps: run on the threads asked for."""
-        if self.wanted != torch.get_num_threads():
-            torch.set_num_threads(self.wanted)
-
-    def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        if torch.get_num_threads() != self.full:
-            torch.set_num_threads(self.full)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -832,7 +791,7 @@ def train_steps(run: Run, state: TrainState, progress: Progress, stop: StopReque
                 meter.restart()
         finished = run.between_steps(state, clock, stop, progress)
         if cores is not None:
-            cores.apply()
+            cores.apply(step_seconds)
     progress.close()
     state.elapsed = clock.elapsed()
     return state, step_seconds
@@ -870,7 +829,7 @@ def train(
         try:
             # Both listen before the start event (`gptlab ui` signals after it). A stop asked for after
             # the last step changes nothing: the run is complete and says so.
-            with StopRequest() as stop, CoreShare() as cores:
+            with StopRequest() as stop, CoreShare(adapt=device.type == "cpu" and not cfg.deterministic) as cores:
                 run.tell("start", pid=os.getpid(), step=state.step, resume=resume, total_steps=run.budget.steps,
                          budget_sec=run.budget.seconds, tokens_per_step=run.tokens_per_step,
                          params=run.model.num_params(), shape=model_cfg.describe(), data=cfg.data, device=str(device),
