@@ -213,7 +213,7 @@ def quality_rows(run: str | None, train_time: str) -> list[tuple[str, str]]:
 
     with tempfile.TemporaryDirectory() as folder:
         if run is None:
-            run = str(Path(folder) / "shakespeare")
+            run = str(Path(folder) / "runs" / "shakespeare")  # runs/NAME: its data folder is found beside runs/
             subprocess.run([sys.executable, "-m", "gptlab", "train", "shakespeare", "--time", train_time, "--out", run,
                             "--quiet"], check=True, cwd=folder)
         rows, base = [], None
@@ -241,7 +241,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"batch 1, CPU, torch {torch.__version__}, {args.threads} threads, temperature 1, top-k {TOP_K}")
-    for name in args.sizes.split(","):
+    for name in filter(None, args.sizes.split(",")):  # --sizes '' measures the quality rows only
         settings, new_tokens = SIZES[name]
         print(f"\n{name}: {settings['n_layer']} layers, {settings['n_head']} heads, {settings['n_embd']} wide, "
               f"context {settings['block_size']}, vocab {settings['vocab_size']:,}; {new_tokens} new tokens")
