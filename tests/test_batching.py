@@ -38,6 +38,27 @@ def model(request):
                                    vocab_size=70, **extra)).eval()
 
 
+@pytest.fixture
+def make_engine():
+    """BatchEngine(...), closed after the test whatever happens (its decoder thread must not outlive it)."""
+    made = []
+
+    def make(*args, **kw):
+        made.append(BatchEngine(*args, **kw))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.close()
+
+
+def wait_for_rows(engine, rows):
+    deadline = time.monotonic() + 10
+    while engine.stats()["rows"] != rows:
+        assert time.monotonic() < deadline, engine.stats()
+        time.sleep(0.001)
+
+
 def alone(model, prompt, config):
     return Engine(model).generate(prompt, config)
 
@@ -53,9 +74,9 @@ def collect(stream, into, index, delay=0.0):
     into[index] = rows
 
 
-def test_batched_requests_give_what_each_gives_alone(model, one_thread):
+def test_batched_requests_give_what_each_gives_alone(model, one_thread, make_engine):
     expected = [alone(model, p, c) for p, c in REQUESTS]
-    engine = BatchEngine(model, max_rows=16)
+    engine = make_engine(model, max_rows=16)
     got = [None] * len(REQUESTS)
     # All of them queued before any is read: they start in one batch (and the later ones join it mid-way).
     streams = [engine.stream(p, c) for p, c in REQUESTS]
@@ -68,12 +89,11 @@ def test_batched_requests_give_what_each_gives_alone(model, one_thread):
     stats = engine.stats()
     assert stats["widest"] == sum(c.num_samples for _, c in REQUESTS)  # 9 rows decoded in one step
     assert stats["rows"] == 0 and stats["requests"] == 0
-    engine.close()
 
 
-def test_requests_that_join_a_running_batch_give_what_they_give_alone(model, one_thread):
+def test_requests_that_join_a_running_batch_give_what_they_give_alone(model, one_thread, make_engine):
     expected = [alone(model, p, c) for p, c in REQUESTS]
-    engine = BatchEngine(model, max_rows=16)
+    engine = make_engine(model, max_rows=16)
     got = [None] * len(REQUESTS)
     threads = [threading.Thread(target=lambda i=i: collect(engine.stream(*REQUESTS[i]), got, i, delay=0.02 * i))
                for i in range(len(REQUESTS))]
@@ -82,26 +102,23 @@ def test_requests_that_join_a_running_batch_give_what_they_give_alone(model, one
     for t in threads:
         t.join(60)
     assert got == expected
-    engine.close()
 
 
-def test_a_cancelled_request_frees_its_rows_and_the_others_go_on(model, one_thread):
-    long = SampleConfig(max_new_tokens=200, seed=11, top_k=10)
-    others = [([3, 4], SampleConfig(max_new_tokens=120, seed=12, num_samples=2)),
-              ([6], SampleConfig(max_new_tokens=120, seed=13, temperature=0.7))]
+def test_a_cancelled_request_frees_its_rows_and_the_others_go_on(model, one_thread, make_engine):
+    # The others are long enough to be decoding still while the first is read and cancelled.
+    long = SampleConfig(max_new_tokens=3000, seed=11, top_k=10)
+    others = [([3, 4], SampleConfig(max_new_tokens=1500, seed=12, num_samples=2)),
+              ([6], SampleConfig(max_new_tokens=1500, seed=13, temperature=0.7))]
     expected = [alone(model, p, c) for p, c in others]
-    engine = BatchEngine(model, max_rows=16)
+    engine = make_engine(model, max_rows=16)
     # The cancelled one is first, so the rows after it move up when it leaves.
     cancelled = engine.stream([2, 2], long)
     streams = [engine.stream(p, c) for p, c in others]
     for _ in range(5):
         next(cancelled)
-    assert engine.stats()["rows"] == 4
+    wait_for_rows(engine, 4)  # the others have joined
     cancelled.close()  # what a client that goes away does
-    deadline = time.monotonic() + 10
-    while engine.stats()["rows"] != 3:
-        assert time.monotonic() < deadline, engine.stats()
-        time.sleep(0.001)
+    wait_for_rows(engine, 3)
     # A newcomer takes the freed row and, like the others, decodes as it would alone.
     newcomer = ([8, 9, 10], SampleConfig(max_new_tokens=30, seed=14, top_p=0.9))
     got = [None, None, None]
@@ -113,11 +130,10 @@ def test_a_cancelled_request_frees_its_rows_and_the_others_go_on(model, one_thre
         t.join(60)
     assert got == [*expected, alone(model, *newcomer)]
     assert engine.stats()["rows"] == 0
-    engine.close()
 
 
-def test_no_more_rows_than_the_ceiling(model, one_thread):
-    engine = BatchEngine(model, max_rows=2)
+def test_no_more_rows_than_the_ceiling(model, one_thread, make_engine):
+    engine = make_engine(model, max_rows=2)
     configs = [SampleConfig(max_new_tokens=30, seed=s) for s in range(4)]
     streams = [engine.stream([1, 2], c) for c in configs]
     got = [None] * 4
@@ -128,13 +144,12 @@ def test_no_more_rows_than_the_ceiling(model, one_thread):
         t.join(60)
     assert got == [alone(model, [1, 2], c) for c in configs]
     assert engine.stats()["widest"] == 2
-    engine.close()
 
 
-def test_a_closed_engine_ends_its_requests_with_an_error(model, one_thread):
+def test_a_closed_engine_ends_its_requests_with_an_error(model, one_thread, make_engine):
     from gptlab.errors import GptlabError
 
-    engine = BatchEngine(model, max_rows=4)
+    engine = make_engine(model, max_rows=4)
     stream = engine.stream([1], SampleConfig(max_new_tokens=10_000, seed=1))
     next(stream)
     engine.close()

@@ -112,5 +112,8 @@ def test_a_quantized_batch_matches_quantized_decoding_alone(tiny_run, one_thread
     tm.batched(8)
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(3) as pool:
-        assert list(pool.map(lambda c: tm.generate("ROMEO:", c), configs)) == alone
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(lambda c: tm.generate("ROMEO:", c), configs)) == alone
+    finally:
+        tm.engine.close()

@@ -245,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from gptlab import distributed
 
-    for lend in ("SIGUSR1", "SIGUSR2"):  # core-lending requests (train.CoreShare) are harmless before it listens
+    for lend in ("SIGUSR1", "SIGUSR2"):  # core-lending requests (cores.CoreShare) are harmless before it listens
         if hasattr(signal, lend):
             signal.signal(getattr(signal, lend), signal.SIG_IGN)
     from gptlab.config import ModelConfig, TrainConfig

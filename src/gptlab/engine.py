@@ -34,11 +34,13 @@ Design choices:
 - A small model (up to 512 wide) decodes on the CPU with one intra-op thread, set for the duration
   of the loop and restored after (`device.intra_op_threads`): at one token per step its matrices are
   too small to split, and a second OpenMP thread only adds hand-offs (and stalls badly when another
-  process holds a core).
+  process holds a core). A bigger one starts on every thread it is given and gives one up while
+  its steps say another process holds a core (`cores.AdaptiveThreads`, the trainer's policy).
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -48,6 +50,7 @@ import torch
 from torch.nn import functional as F
 
 from gptlab.config import SampleConfig, SettingError
+from gptlab.cores import AdaptiveThreads
 from gptlab.device import intra_op_threads
 from gptlab.errors import GptlabError
 
@@ -305,7 +308,9 @@ def decode(
         seen = torch.zeros(num_rows, model.config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, prompt.expand(num_rows, -1), True)
 
-    with intra_op_threads(decode_threads(model) if threads is None else threads):
+    threads = decode_threads(model) if threads is None else threads
+    with intra_op_threads(threads):
+        adapt = AdaptiveThreads(threads)  # gives up a thread while another process holds a core
         logits = model.forward_cached(prompt, cache)  # (1 or num_rows, V)
         if logits.size(0) != num_rows:
             logits = logits.expand(num_rows, -1)
@@ -326,7 +331,9 @@ def decode(
                 cache.reset()
                 logits = model.forward_cached(history[:, n - keep : n], cache)
             else:
+                began = time.perf_counter()
                 logits = model.forward_cached(next_ids, cache)
+                adapt.step_done(time.perf_counter() - began)
 
 
 class Engine:

@@ -27,7 +27,7 @@ Design choices:
   and each rank's RNG state is gathered into the checkpoint (gptlab/distributed.py has the rest).
 - Ctrl-C and SIGTERM become a flag checked between steps (`StopRequest`): the run saves `last` and
   stops with the command that resumes it. SIGUSR1 and SIGUSR2 lend a core to another process and
-  take it back (`CoreShare`, what `gptlab ui` asks for while it generates).
+  take it back, and the thread count follows contention (`cores.CoreShare`).
 - What happens is told to `Run.observers`, each called as observer(event, **fields): the run
   folder's events.jsonl (start, progress about once a second, eval with an optional fresh sample,
   stopped, finished, failed), and the experiment logs --log names (`experiment_logs.py`). Live views

@@ -15,7 +15,7 @@ Design choices:
 - Cores are shared by design. Two processes that each use every core slow each other 4-40x (each
   thread of a parallel region waits for the slowest, which is descheduled). A training job gets
   every core while nothing else runs; when the server starts a generation (on one thread), the
-  trainer is asked to lend it a core (SIGUSR1, `train.CoreShare`), and it gets the core back
+  trainer is asked to lend it a core (SIGUSR1, `cores.CoreShare`), and it gets the core back
   (SIGUSR2) as soon as no generation runs. Sampling while a model trains then costs the trainer
   about one core's share, for as long as it lasts. (Keeping the core lent a few seconds longer, in
   case another generation comes, cost more than it saved: with a 200-token generation every 3 s,
