@@ -158,3 +158,19 @@ def test_a_closed_engine_ends_its_requests_with_an_error(model, one_thread, make
             pass
     with pytest.raises(GptlabError, match="shutting down"):
         engine.stream([1], SampleConfig(max_new_tokens=5))
+
+
+def test_an_idle_engine_lets_its_thread_and_cache_go(model, one_thread, make_engine, monkeypatch):
+    import gptlab.batching as batching
+
+    monkeypatch.setattr(batching, "IDLE_SECONDS", 0.2)
+    engine = make_engine(model, max_rows=8)
+    config = SampleConfig(max_new_tokens=10, seed=1)
+    first = engine.generate([1, 2], config)
+    assert engine.cache.rows >= 1
+    deadline = time.monotonic() + 10
+    while engine.thread is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert engine.cache.rows == 0 and engine.cache.k == []
+    assert engine.generate([1, 2], config) == first  # the next request starts it all again

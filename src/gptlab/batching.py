@@ -29,7 +29,8 @@ Design choices:
   caller's thread only waits on a queue; closing the iterator (a client that went away) marks the
   request cancelled and the decoder frees its rows before its next step.
 - The decoder thread starts with the first request and ends after a few idle seconds, so an engine
-  nobody uses holds no thread (a server that reloads a run's weights just drops the old engine).
+  nobody uses holds no thread (a server that reloads a run's weights just drops the old engine),
+  and drops its cache then: the rows a burst of requests needed do not stay allocated.
 - At most `max_rows` rows decode at once; a request that does not fit waits for rows to free up
   (one that needs more rows than that on its own runs alone).
 """
@@ -288,6 +289,7 @@ class BatchEngine(Engine):
                         self.lock.wait(IDLE_SECONDS)
                         if not self.closed and not self.arrived:  # idle: the next request starts a new thread
                             self.thread = None
+                            self.cache = SlotCache(self.model)  # and a cache of its size: a burst's memory goes back
                             return
                     if self.closed:
                         for r in self.arrived + self.active:
