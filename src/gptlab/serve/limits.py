@@ -37,8 +37,8 @@ class Limits:
     max_prompt_chars: int = field(default=50_000, metadata={"help": "longest prompt, in characters"})
     max_n: int = field(default=8, metadata={"help": "most samples per request (n)"})
     # Generations that run at once are decoded together, one batch per model (gptlab/batching.py): a
-    # step reads the weights once for all of them. GPT-2 124M on 2 cores: 16 clients got 5.7x the
-    # tokens/s of one.
+    # step reads the weights once for all of them. GPT-2 124M on 2 cores: 16 streaming clients got
+    # 6.9x the tokens/s of one (benchmarks/bench_serve.py).
     concurrency: int = field(default=16, metadata={"help": "generations decoded together, per model"})
     queue_size: int = field(default=64, metadata={"help": "requests waiting per model before 429"})
 
