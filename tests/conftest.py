@@ -34,6 +34,9 @@ def _offline_env(tmp_path_factory, monkeypatch):
     # The same precision on every CPU, so figures and exact comparisons do not depend on the machine;
     # tests/test_cpu_precision.py forces it both ways and measures it.
     monkeypatch.setenv("GPTLAB_CPU_BF16", "0")
+    # Fixed thread counts: float32 sums depend on them, and exact-resume tests compare bit for bit on
+    # a machine other tests keep busy. tests/test_cores.py turns the adaptation on where it tests it.
+    monkeypatch.setenv("GPTLAB_ADAPT_THREADS", "0")
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,14 @@ import torch
 
 from gptlab.cores import ADAPT_ENV, AdaptiveThreads, CoreShare, ThreadTuner
 
-# ---- the policy, fed step times ---------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _adaptation_on(monkeypatch):
+    """The suite keeps thread counts fixed (conftest); these tests are about adapting them."""
+    monkeypatch.setenv(ADAPT_ENV, "1")
+
+
+# ---- the policy, fed step times ---------------------------------------------------------------------
 
 def simulate(tuner: ThreadTuner, step_time, seconds: float, start: float = 0.0) -> float:
     """Run steps for `seconds` of simulated time; step_time(threads, now) is each step's duration."""

@@ -64,7 +64,7 @@ def start_event(run: Path) -> dict:
 def test_forced_off_trains_in_float32_and_says_so(runs):
     run, proc = runs["float32"]
     assert proc.returncode == 0, proc.stderr
-    assert f"precision: float32 (forced by {CPU_BF16_ENV}=0)" in proc.stderr
+    assert f"precision: float32 (forced by {CPU_BF16_ENV}=0)" in proc.stdout
     assert "device cpu, float32" in proc.stdout
     assert start_event(run)["dtype"] == "float32"
     assert not (run.parent / "cache").exists(), "nothing is measured when the choice is forced"
@@ -73,7 +73,7 @@ def test_forced_off_trains_in_float32_and_says_so(runs):
 def test_forced_on_trains_under_bf16_autocast_with_float32_weights_and_state(runs):
     run, proc = runs["bfloat16"]
     assert proc.returncode == 0, proc.stderr
-    assert f"precision: bfloat16 autocast (forced by {CPU_BF16_ENV}=1)" in proc.stderr
+    assert f"precision: bfloat16 autocast (forced by {CPU_BF16_ENV}=1)" in proc.stdout
     assert "device cpu, bfloat16" in proc.stdout
     assert start_event(run)["dtype"] == "bfloat16"
     rows = read_metrics(run)
@@ -104,13 +104,14 @@ def test_forcing_decides_without_measuring(monkeypatch, tmp_path, capsys):
     assert resolve_dtype("auto", CPU, width=768) == torch.float32
     assert resolve_dtype("bfloat16", CPU) == torch.float32  # as on a CPU without bf16 instructions
     assert resolve_dtype("float32", CPU) == torch.float32
-    err = capsys.readouterr().err.splitlines()
-    assert err[0] == f"precision: bfloat16 autocast (forced by {CPU_BF16_ENV}=1)"
-    assert err[1] == f"precision: float32 (forced by {CPU_BF16_ENV}=0)"
-    assert err[2].startswith("warning: --dtype bfloat16 on a CPU without native bf16") and len(err) == 3
+    captured = capsys.readouterr()
+    out, err = captured.out.splitlines(), captured.err.splitlines()
+    assert out == [f"precision: bfloat16 autocast (forced by {CPU_BF16_ENV}=1)",
+                   f"precision: float32 (forced by {CPU_BF16_ENV}=0)"]
+    assert err[0].startswith("warning: --dtype bfloat16 on a CPU without native bf16") and len(err) == 1
     assert list(tmp_path.iterdir()) == []
     assert resolve_dtype("auto", CPU, quiet=True) == torch.float32
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().out == ""
     monkeypatch.setenv(CPU_BF16_ENV, "true")
     with pytest.raises(GptlabError, match=f"{CPU_BF16_ENV} must be 1 .* or 0"):
         resolve_dtype("auto", CPU)
@@ -189,5 +190,5 @@ def test_auto_follows_the_measurement_where_the_cpu_has_bf16(monkeypatch, tmp_pa
     assert choice.use == (choice.speedup >= device.BF16_MIN_SPEEDUP)
     dtype = resolve_dtype("auto", CPU, width=PROBE_WIDTH)
     assert dtype == (torch.bfloat16 if choice.use else torch.float32)
-    line = capsys.readouterr().err.strip()
+    line = capsys.readouterr().out.strip()
     assert line.startswith("precision: ") and f"{choice.speedup:.2f}x float32" in line and cpu.label in line

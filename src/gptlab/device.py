@@ -15,7 +15,7 @@ Design choices:
     written whole (a temporary file renamed into place). A missing, corrupt or
     unwritable cache only means measuring again;
   - GPTLAB_CPU_BF16=1 or 0 skips both and says yes or no, for tests and for users who know;
-  - `auto` says on stderr what it picked and why. `--dtype bfloat16` is obeyed wherever the
+  - `auto` says on stdout what it picked and why. `--dtype bfloat16` is obeyed wherever the
     instructions exist, with a warning when the probe found it slower; without them it falls back
     to float32 with a warning, as float16 does on any CPU.
   Autocast keeps the loss, softmax and optimizer state in float32: the weights stay float32, and
@@ -95,9 +95,9 @@ CACHE_FORMAT = 1
 
 
 def info(message: str) -> None:
-    """A one-line note on stderr (from rank 0 only): a decision and its reason, kept out of stdout's log."""
+    """A one-line note on stdout (from rank 0 only), beside the run's other facts: stderr is for warnings and errors."""
     if distributed.is_main():
-        print(message, file=sys.stderr, flush=True)
+        print(message, flush=True)
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -358,7 +358,7 @@ def resolve_dtype(requested: str, device: torch.device, width: int | None = None
     """The autocast dtype to train in, falling back to float32 where the hardware cannot do it.
 
     On a CPU, `auto` and `bfloat16` ask `cpu_bf16_choice`, measuring at `width` (the model's
-    embedding width; PROBE_WIDTH when not given). `auto` says what it picked on stderr unless `quiet`.
+    embedding width; PROBE_WIDTH when not given). `auto` says what it picked on stdout unless `quiet`.
     """
     if device.type == "cpu" and requested in ("auto", "bfloat16"):
         return _cpu_dtype(requested, width, quiet)
