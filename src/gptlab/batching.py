@@ -227,10 +227,7 @@ class BatchEngine(Engine):
         return self._columns(request)
 
     def _request(self, prompt: list[int], config: SampleConfig) -> _Request:
-        vocab = self.model.config.vocab_size
-        bad = [i for i in prompt if not 0 <= i < vocab]
-        if bad:
-            raise GptlabError(f"prompt token id {bad[0]} is outside the model's vocabulary of {vocab}")
+        self.check_ids(prompt)
         if not prompt:
             raise GptlabError("the prompt has no tokens; give at least one (an empty text prompt starts from the "
                               "tokenizer's start token)")
@@ -243,26 +240,21 @@ class BatchEngine(Engine):
         return _Request(ids, config, make_generator(self.device, config.seed))
 
     def _columns(self, request: _Request) -> Iterator[list[int | None]]:
-        ended = [False] * request.rows
-        stops = self.more_stops | {self.eot_id}
         try:
-            while True:
-                item = request.out.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                column: list[int | None] = item
-                for row, token in enumerate(column):
-                    if ended[row] or token in stops:
-                        ended[row] = True
-                        column[row] = None
-                if all(ended):
-                    request.done = True  # nothing more to show: free its rows
-                    return
-                yield column
+            yield from self.until_stopped(self._items(request), request.rows)
         finally:
-            request.done = True
+            request.done = True  # ended, stopped or dropped by its caller: its rows go free
+
+    @staticmethod
+    def _items(request: _Request) -> Iterator[list[int | None]]:
+        """What the decoder sends `request`, until its end (an error it sends is raised here)."""
+        while True:
+            item = request.out.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     def stats(self) -> dict[str, int]:
         """Rows decoding and requests waiting now; steps so far and the widest step."""

@@ -350,16 +350,24 @@ class Engine:
     def stream(self, prompt: list[int], config: SampleConfig | None = None) -> Iterator[list[int | None]]:
         """One list per step with each sample's new id, None once that sample has ended (end-of-text)."""
         config = config or SampleConfig()
+        self.check_ids(prompt)
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        generator = make_generator(self.device, config.seed)
+        steps = decode(self.model, ids, config, generator, self.slide)
+        yield from self.until_stopped((next_ids.view(-1).tolist() for next_ids in steps), config.num_samples)
+
+    def check_ids(self, prompt: list[int]) -> None:
+        """A GptlabError naming the first prompt id outside the model's vocabulary."""
         vocab = self.model.config.vocab_size
         bad = [i for i in prompt if not 0 <= i < vocab]
         if bad:
             raise GptlabError(f"prompt token id {bad[0]} is outside the model's vocabulary of {vocab}")
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        generator = make_generator(self.device, config.seed)
-        ended = [False] * config.num_samples
+
+    def until_stopped(self, columns: Iterable[list[int | None]], rows: int) -> Iterator[list[int | None]]:
+        """`columns` with each row None from its end-of-text (or stop id) on; over once every row has ended."""
+        ended = [False] * rows
         stops = self.more_stops | {self.eot_id}
-        for next_ids in decode(self.model, ids, config, generator, self.slide):
-            column: list[int | None] = next_ids.view(-1).tolist()
+        for column in columns:
             for row, token in enumerate(column):
                 if ended[row] or token in stops:
                     ended[row] = True
