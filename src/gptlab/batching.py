@@ -49,6 +49,7 @@ from gptlab.config import SampleConfig
 from gptlab.engine import (
     Engine,
     KVCache,
+    additive_causal_mask,
     apply_repetition_penalty,
     check_memory,
     decode_threads,
@@ -76,10 +77,10 @@ class SlotCache:
         self.rows = self.length = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        causal = torch.ones(c.block_size, c.block_size, dtype=torch.bool, device=self.device).tril()
-        self._visible = causal  # row p: what a query at position p sees
+        causal = additive_causal_mask(c.block_size, self.device, self.dtype)
+        self._visible = causal  # row p: what a query at position p sees (0) and does not (-inf)
         self._row_index = torch.arange(0, device=self.device)
-        self._true = torch.ones((), dtype=torch.bool, device=self.device)
+        self._seen_now = torch.zeros((), dtype=self.dtype, device=self.device)
         self._k_rows: list[torch.Tensor] = []  # the same memory as k and v, as (rows, length, heads, head_size)
         self._v_rows: list[torch.Tensor] = []
         # The current step: rows 0..B-1 at `_positions`; `_seen` says what each row's query sees.
@@ -133,7 +134,7 @@ class SlotCache:
         B, span = len(positions), max(positions) + 1
         if len(self._last) == B and all(p == q + 1 for p, q in zip(positions, self._last)):
             self._positions.add_(1)
-            self._seen.index_put_((self._rows, self._positions), self._true)
+            self._seen.index_put_((self._rows, self._positions), self._seen_now)
         else:
             self._positions = torch.tensor(positions, dtype=torch.long, device=self.device)
             self._rows = self._row_index[:B]
@@ -149,7 +150,7 @@ class SlotCache:
         return self._positions
 
     def step_mask(self) -> torch.Tensor:
-        """(B, 1, 1, span): True where each row's query sees a cached position."""
+        """(B, 1, 1, span), added to the scores: 0 where each row's query sees a cached position, -inf elsewhere."""
         return self._mask
 
     def write_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,7 +75,7 @@ class KVCache:
         # Made once as Python lists of views, so a decode step picks its index and mask tensors
         # without a single torch op.
         self._index = list(torch.arange(max_len, device=device).view(max_len, 1).unbind(0))
-        causal = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
+        causal = additive_causal_mask(max_len, device, dtype)
         self._visible = list(causal.view(max_len, 1, 1, 1, max_len).unbind(0))
 
     @classmethod
@@ -121,8 +121,17 @@ class KVCache:
         return self.k[layer].index_copy_(2, index, k), self.v[layer].index_copy_(2, index, v)
 
     def step_mask(self) -> torch.Tensor:
-        """Attention mask (1, 1, 1, max_len) for a query at `pos`: True at positions 0..pos."""
+        """Attention mask (1, 1, 1, max_len) for a query at `pos`, added to its scores: 0 at positions 0..pos, -inf after."""
         return self._visible[self.pos]
+
+
+def additive_causal_mask(length: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """(length, length): row p is 0 at positions 0..p and -inf after, what a query at p adds to its scores.
+
+    An additive mask rather than a boolean one: SDPA turns a boolean mask into this one on every call
+    (two ops per layer per token, ~5% of a cpu-tiny decode step).
+    """
+    return torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu(1)
 
 
 # ---- sampling: pure functions over logits (B, V) ----
