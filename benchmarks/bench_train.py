@@ -16,7 +16,7 @@ compile happens in warm-up steps, which are not timed.
 
 Where the CPU has bf16 instructions (AVX512-BF16, AMX), gptlab also runs eagerly under bf16
 autocast (`--dtype bfloat16`), and its row gives its speed over gptlab's float32 row ("vs f32")
-beside the probe's prediction for that width, which is what `--dtype auto` decides by (gptlab/device.py).
+beside the probe's prediction for that width, which is what `--dtype auto` decides by (gptlab/cpu_bf16.py).
 Without those instructions the row is skipped with a note: bf16 runs >100x slower there.
 
 A shared machine's speed moves by 10-20% within seconds, so the trainers take turns (`--repeats`),
@@ -229,8 +229,8 @@ def main() -> int:
     if args.child:
         return child(args.child, args.shapes[0], args.data_dir, args.tmp, args.steps)
 
+    from gptlab.cpu_bf16 import bf16_speedup, cpu_has_native_bf16, detect_cpu_bf16
     from gptlab.data import prepare
-    from gptlab.device import bf16_speedup, cpu_has_native_bf16, detect_cpu_bf16
 
     peak = matmul_peak_gflops()
     print(f"torch {torch.__version__}, {args.threads} threads, float32 matmul peak {peak:,.0f} GFLOP/s (measured)")

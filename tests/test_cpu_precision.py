@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab import device
+from gptlab import cpu_bf16, device
 from gptlab.checkpoint import read_weights
 from gptlab.config import ModelConfig
-from gptlab.device import CPU_BF16_ENV, bf16_speedup, cache_path, cpu_bf16_choice, resolve_dtype
+from gptlab.cpu_bf16 import CPU_BF16_ENV, bf16_speedup, cache_path, cpu_bf16_choice
+from gptlab.device import resolve_dtype
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.rundir import EVENTS, TRAIN_STATE, read_metrics
@@ -156,7 +157,7 @@ def test_the_measurement_is_cached_and_reused(monkeypatch, tmp_path):
                                     b'{"format": 1, "machines": {"%s": {"64 wide": {"speedup": "fast"}}}}'])
 def test_a_damaged_cache_is_measured_again_and_replaced(monkeypatch, tmp_path, damage):
     monkeypatch.setenv("GPTLAB_HOME", str(tmp_path))
-    machine = device.detect_cpu_bf16().machine_key()
+    machine = cpu_bf16.detect_cpu_bf16().machine_key()
     (tmp_path / "cpu.json").write_bytes(damage.replace(b"%s", machine.encode()))
     probe, kept = bf16_speedup(PROBE_WIDTH)
     assert kept.startswith("cached in") and probe.speedup > 0
@@ -182,12 +183,12 @@ def test_the_cache_folder_is_gptlab_home(monkeypatch, tmp_path):
 def test_auto_follows_the_measurement_where_the_cpu_has_bf16(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv(CPU_BF16_ENV, raising=False)
     monkeypatch.setenv("GPTLAB_HOME", str(tmp_path))
-    cpu = device.detect_cpu_bf16()
+    cpu = cpu_bf16.detect_cpu_bf16()
     choice = cpu_bf16_choice(PROBE_WIDTH)
     if not cpu.native:
         assert not choice.use and choice.speedup is None and not (tmp_path / "cpu.json").exists()
         return
-    assert choice.use == (choice.speedup >= device.BF16_MIN_SPEEDUP)
+    assert choice.use == (choice.speedup >= cpu_bf16.BF16_MIN_SPEEDUP)
     dtype = resolve_dtype("auto", CPU, width=PROBE_WIDTH)
     assert dtype == (torch.bfloat16 if choice.use else torch.float32)
     line = capsys.readouterr().out.strip()

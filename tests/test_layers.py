@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "gptlab"
 LAYERS = [
     ["errors", "fsutil", "folders", "cpu_memory", "muon", "synthetic_chats", "quantize"],
     ["config", "distributed", "sizing", "cores"],
-    ["rundir", "tokenizer", "device"],
+    ["rundir", "tokenizer", "device", "cpu_bf16"],
     ["data", "model", "copycheck", "chat"],
     ["optim", "checkpoint", "engine", "batching"],
     ["generation", "evaluate", "report", "experiment_logs"],

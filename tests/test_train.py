@@ -11,7 +11,8 @@ import torch
 
 from gptlab.checkpoint import read_weights
 from gptlab.config import resolve_config
-from gptlab.device import cpu_has_native_bf16, resolve_dtype
+from gptlab.cpu_bf16 import cpu_has_native_bf16
+from gptlab.device import resolve_dtype
 from gptlab.rundir import run_summary
 from gptlab.train import CPU_COMPILE_MIN_BUDGET_SEC, compile_wanted, learning_rate, train
 

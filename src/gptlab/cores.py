@@ -22,7 +22,7 @@ second, not fewer. So:
           threads.step_done(time.perf_counter() - began)  # may call torch.set_num_threads
       threads.restore()  # back to torch's count at construction
 
-  Made inside `device.intra_op_threads(n)`, `restore` is optional (the context restores on exit).
+  Made inside `intra_op_threads(n)`, `restore` is optional (the context restores on exit).
   A window is at least 5 tokens and 50 ms. `enabled=False`, or GPTLAB_ADAPT_THREADS=0, makes
   `step_done` a no-op; with n == 1 there is nothing to adapt and it costs nothing.
 
@@ -53,10 +53,11 @@ The policy (`ThreadTuner`: pure logic fed step times and the time, no torch):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -286,3 +287,16 @@ class CoreShare:
             signal.signal(sig, handler)
         if torch.get_num_threads() != self.full:
             torch.set_num_threads(self.full)
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` while inside, restored after."""
+    previous = torch.get_num_threads()
+    if threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads != previous:
+            torch.set_num_threads(previous)

@@ -32,7 +32,7 @@ Design choices:
   draw and two small copies. `decode` yields a (B, 1) tensor per step; `Engine.stream` turns it
   into a list of ids with None for samples that have ended (end-of-text).
 - A small model (up to 512 wide) decodes on the CPU with one intra-op thread, set for the duration
-  of the loop and restored after (`device.intra_op_threads`): at one token per step its matrices are
+  of the loop and restored after (`cores.intra_op_threads`): at one token per step its matrices are
   too small to split, and a second OpenMP thread only adds hand-offs (and stalls badly when another
   process holds a core). A bigger one starts on every thread it is given and gives one up while
   its steps say another process holds a core (`cores.AdaptiveThreads`, the trainer's policy).
@@ -50,8 +50,7 @@ import torch
 from torch.nn import functional as F
 
 from gptlab.config import SampleConfig, SettingError
-from gptlab.cores import AdaptiveThreads
-from gptlab.device import intra_op_threads
+from gptlab.cores import AdaptiveThreads, intra_op_threads
 from gptlab.errors import GptlabError
 
 # Up to this width a decode step's matrices are too small to split: a second thread only adds
