@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -55,6 +54,7 @@ from gptlab.engine import (
     decode_threads,
     default_slide,
     make_generator,
+    prompt_start,
     sample_next,
 )
 from gptlab.errors import GptlabError
@@ -229,13 +229,7 @@ class BatchEngine(Engine):
 
     def _request(self, prompt: list[int], config: SampleConfig) -> _Request:
         self.check_ids(prompt)
-        if not prompt:
-            raise GptlabError("the prompt has no tokens; give at least one (an empty text prompt starts from the "
-                              "tokenizer's start token)")
-        if len(prompt) > self.block_size:
-            warnings.warn(f"the prompt has {len(prompt)} tokens but the context holds {self.block_size}; "
-                          f"using its last {self.block_size}", stacklevel=3)
-            prompt = prompt[-self.block_size :]
+        prompt = prompt[prompt_start(len(prompt), self.block_size) :]
         check_memory(self.model, config, len(prompt))
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         return _Request(ids, config, make_generator(self.device, config.seed))

@@ -223,6 +223,17 @@ def decode_threads(model: torch.nn.Module, available: int | None = None) -> int:
     return available or torch.get_num_threads()
 
 
+def prompt_start(length: int, block_size: int) -> int:
+    """Where a prompt of `length` tokens starts to fit the context: 0, or (with a warning) its last `block_size` tokens."""
+    if length == 0:
+        raise GptlabError("the prompt has no tokens; give at least one (an empty text prompt starts from the tokenizer's start token)")
+    if length <= block_size:
+        return 0
+    warnings.warn(f"the prompt has {length} tokens but the context holds {block_size}; using its last {block_size}",
+                  stacklevel=4)
+    return length - block_size
+
+
 def default_slide(block_size: int) -> int:
     """How far the window moves when generation runs past the context: half of it."""
     return max(1, block_size // 2)
@@ -287,14 +298,7 @@ def decode(
         raise GptlabError(f"slide must be from 1 to the context length {block_size}, got {slide}")
     if prompt.size(0) not in (1, num_rows):
         raise ValueError(f"prompt has {prompt.size(0)} rows for {num_rows} samples")
-    if prompt.size(1) == 0:
-        raise GptlabError("the prompt has no tokens; give at least one (an empty text prompt starts from the tokenizer's start token)")
-    if prompt.size(1) > block_size:
-        warnings.warn(
-            f"the prompt has {prompt.size(1)} tokens but the context holds {block_size}; "
-            f"using its last {block_size}", stacklevel=3,
-        )
-        prompt = prompt[:, -block_size:]
+    prompt = prompt[:, prompt_start(prompt.size(1), block_size) :]
     device = next(model.parameters()).device
     prompt = prompt.to(device)
     T0 = prompt.size(1)

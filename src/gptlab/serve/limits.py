@@ -108,7 +108,7 @@ class _Failure:
 class GenerationQueue:
     """At most `concurrency` generations of one model at a time, `queue_size` more waiting, the rest refused."""
 
-    def __init__(self, concurrency: int, queue_size: int, threads: int = 1, name: str = "model",
+    def __init__(self, concurrency: int, queue_size: int, name: str = "model",
                  on_busy: Callable[[bool], None] | None = None) -> None:
         """`on_busy(True)` is called as each generation starts and `on_busy(False)` as it ends (worker threads)."""
         self.concurrency = concurrency
@@ -116,7 +116,7 @@ class GenerationQueue:
         self.queue_size = queue_size
         self.name = name
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix=f"gptlab-{name}",
-                                       initializer=_set_threads, initargs=(threads,))
+                                       initializer=_one_thread)
         self.lock = threading.Lock()
         self.running = 0
         self.waiting = 0
@@ -198,7 +198,8 @@ class GenerationQueue:
                     self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.perf_counter() - start)
 
 
-def _set_threads(threads: int) -> None:
+def _one_thread() -> None:
+    """A worker only turns a generation's ids into text (the batch engine's own thread decodes): one thread is plenty."""
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)

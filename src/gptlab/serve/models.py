@@ -114,7 +114,7 @@ def load_models(runs: Sequence[str | Path], limits: Limits, checkpoint: str = "b
         config_path = Path(run) / "config.json"
         served.append(ServedModel(
             name=name, model=tm, summary=run_summary(run, files), created=int(config_path.stat().st_mtime),
-            queue=GenerationQueue(limits.concurrency, limits.queue_size, 1, name),
+            queue=GenerationQueue(limits.concurrency, limits.queue_size, name),
         ))
     return served
 

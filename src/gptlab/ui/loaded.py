@@ -63,7 +63,7 @@ class LoadedRuns(Mapping[str, ServedModel]):
         files = rundir.check_run(run_dir, "best")
         tm = load(run_dir, "best", self.device, files=files).batched(self.limits.batch_rows(), self.threads)
         queue = previous.queue if previous is not None else GenerationQueue(
-            self.limits.concurrency, self.limits.queue_size, 1, name, self.on_busy)
+            self.limits.concurrency, self.limits.queue_size, name, self.on_busy)
         served = ServedModel(name=name, model=tm, queue=queue, summary=rundir.run_summary(run_dir, files),
                              created=int((run_dir / rundir.CONFIG).stat().st_mtime))
         self.loaded[name] = served
