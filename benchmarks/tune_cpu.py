@@ -62,6 +62,12 @@ CANDIDATES: dict[str, list[str]] = {
     "llama-small-m15": "--preset cpu-small --arch llama --mlp-hidden 256 --muon-lr 0.015".split(),
     "llama-small-l3": "--preset cpu-small --arch llama --mlp-hidden 256 --n-layer 3".split(),
     "llama-small-c256": "--preset cpu-small --arch llama --mlp-hidden 256 --block-size 256 --batch-size 6".split(),
+    # Over 5 minutes a fast machine makes ~4,000 steps of cpu-small: several passes over the text, and
+    # the train loss runs away from the val loss. Dropout and a wider model against that.
+    "small-drop1": "--preset cpu-small --dropout 0.1".split(),
+    "small-drop2": "--preset cpu-small --dropout 0.2".split(),
+    "small-w192-drop2": "--preset cpu-small --n-embd 192 --n-head 6 --dropout 0.2".split(),
+    "small-l6-drop2": "--preset cpu-small --n-layer 6 --dropout 0.2".split(),
 }
 
 

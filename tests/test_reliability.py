@@ -94,7 +94,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
     args = ["--data", data, "--out", run_dir, "--max-iters", "100000", "--eval-interval", "1", "--eval-iters", "1",
             "--n-embd", "96", "--n-layer", "3", "--n-head", "3", "--block-size", "32", "--batch-size", "4"]
     survived = []
-    for kill in range(20):
+    for kill in range(12):
         p = launch("train", *args) if kill == 0 else launch("train", "--resume", run_dir)
         before = survived[-1] if survived else -1
         deadline = time.time() + 120
