@@ -214,8 +214,10 @@ def quality_rows(run: str | None, train_time: str) -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory() as folder:
         if run is None:
             run = str(Path(folder) / "runs" / "shakespeare")  # runs/NAME: its data folder is found beside runs/
-            subprocess.run([sys.executable, "-m", "gptlab", "train", "shakespeare", "--time", train_time, "--out", run,
-                            "--quiet"], check=True, cwd=folder)
+            trained = subprocess.run([sys.executable, "-m", "gptlab", "train", "shakespeare", "--time", train_time,
+                                      "--out", run, "--quiet"], cwd=folder)
+            if trained.returncode != 0:  # its one-line reason is on stderr already (offline, say)
+                return [("skipped", "the training run failed (above); give --quality-run RUN or --quality-time 0")]
         rows, base = [], None
         for kind in ("none", "bf16", "int8"):
             result = evaluate(load(run, device="cpu", quantize=kind), progress=False)

@@ -66,8 +66,6 @@ CANDIDATES: dict[str, list[str]] = {
     # the train loss runs away from the val loss. Dropout and a wider model against that.
     "small-drop1": "--preset cpu-small --dropout 0.1".split(),
     "small-drop2": "--preset cpu-small --dropout 0.2".split(),
-    "small-w192-drop2": "--preset cpu-small --n-embd 192 --n-head 6 --dropout 0.2".split(),
-    "small-l6-drop2": "--preset cpu-small --n-layer 6 --dropout 0.2".split(),
 }
 
 
